@@ -1,0 +1,5 @@
+import sys
+
+from saediff.cli import main
+
+sys.exit(main())

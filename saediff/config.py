@@ -1,0 +1,131 @@
+"""Stage configs as small dataclasses: field docstrings double as CLI help, YAML mirrors them.
+
+Each stage declares a dataclass whose fields carry a one-line docstring right below them;
+`add_dataclass_args` turns it into argparse options and `build_config` merges YAML and
+command-line overrides into a validated instance (validation lives in `__post_init__`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after `name: type = default`)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for `X | None` / `Optional[X]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                       required: tuple[str, ...] = (), defaults_none: bool = False) -> None:
+    """Add one `--field-name` option per dataclass field.
+
+    With `defaults_none`, unset options parse as None so they do not override a YAML file.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, _ = _unwrap(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "")}
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kw["choices"] = list(typing.get_args(tp))
+            kw["type"] = type(typing.get_args(tp)[0])
+        elif origin in (list, tuple):
+            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kw["nargs"] = "+"
+            kw["type"] = inner if inner in (int, float, str) else str
+        elif origin is dict:
+            kw["type"] = _parse_mapping
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        else:
+            kw["type"] = str
+        kw["default"] = None if defaults_none else default
+        if f.name in required:
+            kw["required"] = True
+        elif default is not None and not defaults_none:
+            kw["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kw)
+
+
+def _parse_mapping(text: str) -> dict[str, float]:
+    """`base=0.5,finetuned=0.5` -> {"base": 0.5, "finetuned": 0.5}."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected name=weight pairs, got {text!r}")
+        out[key.strip()] = float(value)
+    return out
+
+
+def build_config(cls: type, yaml_path: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """YAML values, then non-None overrides, into `cls(...)` (which validates itself)."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields at top level")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON/YAML-safe dict of a config dataclass."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
