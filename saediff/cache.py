@@ -1,0 +1,378 @@
+"""Stage 1: stream one layer's activations of one or two models into an HDF5 cache.
+
+Both models see the same token ids in the same pass, so row i is the same token for both.
+The writer commits after every batch (rows written, flushed, then the committed counter
+bumped and flushed); a rerun of the same command resumes after the last commit.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import saediff
+from saediff.cachefile import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
+                               partial_path, read_attrs)
+from saediff.errors import SaediffError
+from saediff.models import (LoadedModel, check_same_tokenizer, encode_chat, encode_text,
+                            load_model, pad_batch, run_to_layer, tokenizer_fingerprint)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    base: str
+    """Base (aligned) model: local HF directory or hub name."""
+    layer: int
+    """Cache the residual stream after this block (HF hidden_states[layer+1])."""
+    dataset: str
+    """Local .jsonl/.json/.parquet/.txt file or a `datasets` hub name (streamed)."""
+    out: str = "activations_cache/cache.h5"
+    """Output HDF5 file (written as OUT.partial until complete)."""
+    base_adapter: str | None = None
+    """PEFT adapter directory applied on top of --base."""
+    finetuned: str | None = None
+    """Fine-tuned model (local dir or hub name); adds a second source `finetuned`."""
+    finetuned_adapter: str | None = None
+    """PEFT adapter for the fine-tuned side (on --finetuned, or on --base if not given)."""
+    text_field: str = "text"
+    """Field holding plain text (ignored when --prompt-field is given)."""
+    prompt_field: str | None = None
+    """Field holding the user prompt: switches to chat mode (chat template + role mask)."""
+    response_field: str | None = None
+    """Field holding the assistant response (chat mode)."""
+    split: str = "train"
+    """Dataset split for hub datasets."""
+    max_tokens: int = 1_000_000
+    """Stop after this many cached rows (tokens)."""
+    ctx_len: int = 256
+    """Maximum tokens per model input; longer texts are split, longer chats truncated."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of activations."""
+    device: str = "cpu"
+    """Torch device for the models (cpu, cuda, cuda:1, ...)."""
+    overwrite: bool = False
+    """Replace an existing cache whose provenance differs (or a finished one)."""
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.ctx_len < 2:
+            raise ValueError(f"ctx_len must be >= 2, got {self.ctx_len}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.response_field and not self.prompt_field:
+            raise ValueError("response_field needs prompt_field (chat mode)")
+        if self.finetuned_adapter and not self.finetuned:
+            self.finetuned = self.base  # base + adapter is the fine-tuned model
+
+    @property
+    def chat(self) -> bool:
+        return self.prompt_field is not None
+
+
+# --- dataset streaming -----------------------------------------------------------------------
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def dataset_spec(cfg: CacheConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": cfg.dataset, "split": cfg.split}
+    spec.update({"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
+                if cfg.chat else {"text_field": cfg.text_field})
+    p = Path(cfg.dataset)
+    if p.is_file():
+        spec["sha256"] = _file_hash(p)
+    return spec
+
+
+def iter_documents(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Stream examples from a local file or a hub dataset (never loads it whole)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(source)
+    if p.exists():
+        builder = _BUILDERS.get(p.suffix)
+        if builder is None:
+            raise SaediffError(f"unsupported dataset file type {p.suffix!r} "
+                               f"(use one of {sorted(_BUILDERS)})")
+        if p.stat().st_size == 0:
+            raise SaediffError(f"dataset {source} is empty")
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True)
+    elif source.endswith(tuple(_BUILDERS)) or os.sep in source and not source.count("/") == 1:
+        raise FileNotFoundError(f"dataset file not found: {source}")
+    else:
+        ds = datasets.load_dataset(source, split=split, streaming=True)
+    yield from ds
+
+
+def iter_sequences(cfg: CacheConfig, tok: Any) -> Iterator[tuple[int, list[int], list[int]]]:
+    """(doc_id, token ids, roles) per model input, in a deterministic order."""
+    n_docs = 0
+    for doc_id, ex in enumerate(iter_documents(cfg.dataset, cfg.split)):
+        n_docs += 1
+        if cfg.chat:
+            for key in (cfg.prompt_field, cfg.response_field):
+                if key and key not in ex:
+                    raise SaediffError(f"document {doc_id} has no field {key!r} "
+                                       f"(fields: {sorted(ex)})")
+            ids, roles = encode_chat(tok, str(ex[cfg.prompt_field]),
+                                     str(ex[cfg.response_field]) if cfg.response_field else None)
+            if len(ids) > cfg.ctx_len:
+                ids, roles = ids[: cfg.ctx_len], roles[: cfg.ctx_len]
+            if ids:
+                yield doc_id, ids, roles
+        else:
+            if cfg.text_field not in ex:
+                raise SaediffError(f"document {doc_id} has no field {cfg.text_field!r} "
+                                   f"(fields: {sorted(ex)}); pass --text-field or --prompt-field")
+            text = ex[cfg.text_field]
+            if not text or not str(text).strip():
+                continue
+            ids, roles = encode_text(tok, str(text))
+            for a in range(0, len(ids), cfg.ctx_len):
+                yield doc_id, ids[a: a + cfg.ctx_len], roles[a: a + cfg.ctx_len]
+    if n_docs == 0:
+        raise SaediffError(f"dataset {cfg.dataset} yielded no documents")
+
+
+# --- writer ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _writer_lock(out: Path) -> Iterator[None]:
+    lock_path = Path(str(out) + ".lock")
+    fh = lock_path.open("a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SaediffError(f"another writer is already writing {out} (pid {holder}); "
+                               "wait for it or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the flock
+
+
+def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, Any]:
+    first = next(iter(models.values()))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "saediff_version": saediff.__version__,
+        "layer": cfg.layer,
+        "hook_name": f"blocks.{cfg.layer}.hook_resid_post",
+        "hf_hidden_states_index": cfg.layer + 1,
+        "d_model": first.d_model,
+        "dtype": cfg.dtype,
+        "ctx_len": cfg.ctx_len,
+        "max_tokens": cfg.max_tokens,
+        "tokenizer_fingerprint": tokenizer_fingerprint(first.tokenizer),
+        "sources": list(models),
+        "models": {k: m.provenance() for k, m in models.items()},
+        "dataset": dataset_spec(cfg),
+    }
+
+
+_COMPARED = ("layer", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint", "sources",
+             "models", "dataset", "d_model")
+
+
+def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in _COMPARED if json.dumps(old.get(k), sort_keys=True)
+            != json.dumps(new.get(k), sort_keys=True)]
+
+
+def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
+    f = h5py.File(path, "w")
+    for k, v in prov.items():
+        f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    for name, dt in INDEX_FIELDS.items():
+        f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(65536,), dtype=dt)
+    f.create_dataset("seq_offsets", data=np.zeros(1, dtype="i8"), maxshape=(None,), chunks=(8192,))
+    d = prov["d_model"]
+    dt = np.dtype(prov["dtype"])
+    rows_chunk = max(64, (1 << 20) // (d * dt.itemsize))  # ~1 MiB chunks
+    acts = f.create_group("acts")
+    for src in prov["sources"]:
+        acts.create_dataset(src, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt)
+    f.create_dataset("progress", data=np.array([0, 0, 0, prov["max_tokens"]], dtype="i8"))
+    f.flush()
+    return f
+
+
+def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
+    models = {"base": load_model(cfg.base, cfg.base_adapter, device=cfg.device)}
+    if cfg.finetuned:
+        models["finetuned"] = load_model(cfg.finetuned, cfg.finetuned_adapter, device=cfg.device)
+        check_same_tokenizer(models["base"], models["finetuned"])
+    for m in models.values():
+        m.check_layer(cfg.layer)
+    return models
+
+
+def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) -> Path:
+    """Write (or resume, or reuse) the cache described by `cfg`; returns the final path."""
+    out = Path(cfg.out)
+    part = partial_path(out)
+    models = models or load_cache_models(cfg)
+    prov = _provenance(cfg, models)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(out):
+        if out.exists():
+            with h5py.File(out, "r") as f:
+                diff = _provenance_diff(read_attrs(f), prov)
+            if not diff and not cfg.overwrite:
+                log.info("%s is already complete with the same provenance; nothing to do", out)
+                return out
+            if diff and not cfg.overwrite:
+                raise SaediffError(f"{out} exists with different provenance ({', '.join(diff)}); "
+                                   "pass --overwrite to replace it or choose another --out")
+            out.unlink()
+        f = None
+        if part.exists() and not cfg.overwrite:
+            try:
+                f = h5py.File(part, "a")
+            except OSError as exc:
+                raise SaediffError(f"{part} (an interrupted cache) is unreadable: {exc}; "
+                                   "pass --overwrite to start again") from exc
+            diff = _provenance_diff(read_attrs(f), prov)
+            if int(f["progress"][P_ROWS]) == 0:  # nothing committed: start afresh
+                f.close()
+                f = None
+            elif diff:
+                f.close()
+                raise SaediffError(f"{part} is an interrupted cache with different provenance "
+                                   f"({', '.join(diff)}); pass --overwrite to start again")
+        if f is None:
+            f = _create(part, prov)
+        try:
+            _fill(f, cfg, models)
+        except BaseException:
+            empty = int(f["progress"][P_ROWS]) == 0
+            f.close()
+            if empty:  # bad input before the first commit: leave nothing behind
+                part.unlink(missing_ok=True)
+            raise
+        f.close()
+        os.replace(part, out)
+    log.info("wrote %s", out)
+    return out
+
+
+def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel]) -> None:
+    prog = f["progress"]
+    rows, seqs = int(prog[P_ROWS]), int(prog[P_SEQS])
+    if rows:
+        log.info("resuming %s after %d committed rows (%d sequences)", f.filename, rows, seqs)
+    # Anything past the committed prefix is debris of a killed writer: drop it.
+    for name in INDEX_FIELDS:
+        f[name].resize(rows, axis=0)
+    for src in models:
+        f["acts"][src].resize(rows, axis=0)
+    f["seq_offsets"].resize(seqs + 1, axis=0)
+    tok = models["base"].tokenizer
+    np_dtype = np.dtype(cfg.dtype)
+    stream = iter_sequences(cfg, tok)
+    for _ in range(seqs):  # cheap: tokenisation only, no model
+        next(stream, None)
+    bar = tqdm(total=cfg.max_tokens, initial=rows, unit="tok", unit_scale=True, desc="cache",
+               disable=None)
+    batch: list[tuple[int, list[int], list[int]]] = []
+    exhausted = False
+    while rows < cfg.max_tokens and not exhausted:
+        batch.clear()
+        budget = cfg.max_tokens - rows
+        while len(batch) < cfg.batch_size and budget > 0:
+            item = next(stream, None)
+            if item is None:
+                exhausted = True
+                break
+            if len(item[1]) > budget:  # cut the last sequence at exactly max_tokens
+                item = (item[0], item[1][:budget], item[2][:budget])
+            budget -= len(item[1])
+            batch.append(item)
+        if not batch:
+            break
+        n = _write_batch(f, batch, rows, seqs, models, cfg.layer, tok.pad_token_id, np_dtype)
+        rows += n
+        seqs += len(batch)
+        prog[P_ROWS], prog[P_SEQS] = rows, seqs  # the commit
+        f.flush()
+        bar.update(n)
+    bar.close()
+    if rows == 0:
+        raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
+    prog[P_COMPLETE] = 1
+    f.flush()
+
+
+def _write_batch(f: h5py.File, batch: list[tuple[int, list[int], list[int]]], rows: int,
+                 seqs: int, models: dict[str, LoadedModel], layer: int, pad_id: int,
+                 np_dtype: np.dtype) -> int:
+    ids, mask = pad_batch([b[1] for b in batch], pad_id)
+    lens = [len(b[1]) for b in batch]
+    n = sum(lens)
+    acts = {}
+    for src, lm in models.items():
+        x32 = run_to_layer(lm, ids, mask, layer)[mask.bool()].float().cpu().numpy()
+        x = x32.astype(np_dtype)
+        for arr, what in ((x32, "NaN/inf"), (x, f"values beyond {np_dtype.name} range "
+                                                  "(use --dtype float32)")):
+            bad = ~np.isfinite(arr).all(axis=1)
+            if bad.any():  # name the first bad token: document and position in its input
+                i = int(np.argmax(bad))
+                s = int(np.searchsorted(np.cumsum(lens), i, side="right"))
+                raise SaediffError(f"non-finite activations from {src} ({lm.name}): {what} at "
+                                   f"document {batch[s][0]}, position {i - sum(lens[:s])}")
+        acts[src] = x
+    index = {
+        "tokens": np.concatenate([b[1] for b in batch]),
+        "roles": np.concatenate([b[2] for b in batch]),
+        "doc_ids": np.repeat([b[0] for b in batch], lens),
+        "seq_ids": np.repeat(np.arange(seqs, seqs + len(batch)), lens),
+        "positions": np.concatenate([np.arange(k) for k in lens]),
+    }
+    for name, arr in index.items():
+        d = f[name]
+        d.resize(rows + n, axis=0)
+        d[rows: rows + n] = arr
+    for src, x in acts.items():
+        d = f["acts"][src]
+        d.resize(rows + n, axis=0)
+        d[rows: rows + n] = x
+    so = f["seq_offsets"]
+    so.resize(seqs + len(batch) + 1, axis=0)
+    so[seqs + 1:] = rows + np.cumsum(lens)
+    return n
+

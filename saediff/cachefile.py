@@ -1,0 +1,229 @@
+"""The on-disk activation cache format (HDF5) and its reader.
+
+Layout (schema 1). Row i is one real (non-pad) token of one model input; the same row index
+means the same token for every source, because all sources saw the same token ids.
+
+    /tokens       int32 [N]         token id
+    /seq_ids      int64 [N]         which model input (sequence) the row came from
+    /doc_ids      int64 [N]         which dataset document that sequence came from
+    /positions    int32 [N]         position of the token inside its sequence
+    /roles        int8  [N]         0 special, 1 prompt, 2 response, 3 text (models.ROLES)
+    /seq_offsets  int64 [S+1]       first row of each sequence (S = committed sequences)
+    /acts/<src>   f16|f32 [N, d]    residual stream after block `layer` for source <src>
+    /progress     int64 [4]         committed rows, committed sequences, complete flag, max_tokens
+
+Only `progress` is trusted: a killed writer may leave datasets longer than the committed
+prefix, and those rows are never served. A cache is written as `NAME.h5.partial` and renamed
+to `NAME.h5` once complete, so a file under its final name is always whole.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from saediff.errors import SaediffError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+INDEX_FIELDS = {"tokens": "i4", "seq_ids": "i8", "doc_ids": "i8", "positions": "i4", "roles": "i1"}
+JSON_ATTRS = ("models", "sources", "dataset")
+PARTIAL_SUFFIX = ".partial"
+P_ROWS, P_SEQS, P_COMPLETE, P_MAX = range(4)
+
+
+def partial_path(path: str | Path) -> Path:
+    return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def read_attrs(f: h5py.File) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in f.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if k in JSON_ATTRS:
+            v = json.loads(v)
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+class CacheFile:
+    """Read access to a cache: committed rows only, activations as float32 tensors."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists() and partial_path(path).exists():
+            log.warning("%s is not complete; reading the committed prefix of %s",
+                        path, partial_path(path))
+            path = partial_path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"activation cache not found: {path}")
+        self.path = path
+        try:
+            self._f = h5py.File(path, "r")
+        except OSError as exc:
+            raise SaediffError(f"cannot open {path} as an HDF5 cache: {exc}") from exc
+        if "progress" not in self._f or self._f.attrs.get("schema_version") is None:
+            self._f.close()
+            raise SaediffError(f"{path} is not a saediff activation cache (no progress/schema)")
+        self.attrs = read_attrs(self._f)
+        if self.attrs["schema_version"] != SCHEMA_VERSION:
+            raise SaediffError(f"{path}: schema version {self.attrs['schema_version']}, "
+                               f"this saediff reads {SCHEMA_VERSION}")
+        prog = self._f["progress"][:]
+        self.rows = int(prog[P_ROWS])
+        self.n_sequences = int(prog[P_SEQS])
+        self.complete = bool(prog[P_COMPLETE])
+
+    # -- metadata -------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return int(self.attrs["d_model"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.attrs["layer"])
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.attrs["sources"])
+
+    @property
+    def hook_name(self) -> str:
+        return str(self.attrs["hook_name"])
+
+    def _span(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.rows if stop is None else stop
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside the {self.rows} committed rows "
+                             f"of {self.path}")
+        return start, stop
+
+    def _index(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        a, b = self._span(start, stop)
+        return self._f[name][a:b]
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._index("tokens", start, stop)
+
+    def roles(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._index("roles", start, stop)
+
+    def sequence_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._index("seq_ids", start, stop)
+
+    def doc_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._index("doc_ids", start, stop)
+
+    def positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._index("positions", start, stop)
+
+    def activations(self, source: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """float32 [stop-start, d_model] for one source."""
+        if source not in self.sources:
+            raise SaediffError(f"source {source!r} not in {self.path} (sources: {self.sources})")
+        a, b = self._span(start, stop)
+        return torch.from_numpy(self._f["acts"][source][a:b].astype(np.float32, copy=False))
+
+    def raw_activations(self, source: str, start: int, stop: int) -> np.ndarray:
+        """Stored dtype, no conversion (for bulk readers)."""
+        a, b = self._span(start, stop)
+        return self._f["acts"][source][a:b]
+
+    def sequence_offsets(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """First row of sequences start..stop (stop inclusive of the end offset)."""
+        stop = self.n_sequences if stop is None else stop
+        return self._f["seq_offsets"][start: stop + 1]
+
+    def sequences(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """The exact model inputs of sequences [start, stop): ids, roles, first row, doc id."""
+        offs = self.sequence_offsets(start, stop)
+        if len(offs) < 2:
+            return []
+        lo, hi = int(offs[0]), int(offs[-1])
+        toks, roles, docs = self.tokens(lo, hi), self.roles(lo, hi), self.doc_ids(lo, hi)
+        out = []
+        for i, (a, b) in enumerate(zip(offs[:-1], offs[1:])):
+            a, b = int(a) - lo, int(b) - lo
+            out.append({"seq_id": start + i, "row": a + lo, "doc_id": int(docs[a]),
+                        "ids": toks[a:b].tolist(), "roles": roles[a:b].tolist()})
+        return out
+
+    def info(self) -> dict[str, Any]:
+        roles = np.bincount(self.roles(0, self.rows).astype(np.int64), minlength=4) \
+            if self.rows else np.zeros(4, dtype=np.int64)
+        from saediff.models import ROLE_NAMES
+
+        return {"path": str(self.path), "rows": self.rows, "sequences": self.n_sequences,
+                "complete": self.complete, "d_model": self.d_model, "layer": self.layer,
+                "sources": self.sources,
+                "role_counts": {ROLE_NAMES[i]: int(c) for i, c in enumerate(roles)},
+                **{k: v for k, v in self.attrs.items() if k not in ("sources",)}}
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "CacheFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_cache(path: str | Path) -> CacheFile:
+    """Open an activation cache for reading (the committed prefix of a `.partial` too)."""
+    return CacheFile(path)
+
+
+def verify_cache(path: str | Path, chunk_rows: int = 65536) -> list[str]:
+    """Check a cache end to end; returns a list of problems (empty = good)."""
+    problems: list[str] = []
+    with open_cache(path) as c:
+        f = c._f
+        for name in list(INDEX_FIELDS) + ["seq_offsets"]:
+            if name not in f:
+                problems.append(f"missing dataset /{name}")
+        for src in c.sources:
+            if src not in f["acts"]:
+                problems.append(f"missing activations for source {src!r}")
+        if problems:
+            return problems
+        for name in INDEX_FIELDS:
+            if f[name].shape[0] < c.rows:
+                problems.append(f"/{name} has {f[name].shape[0]} rows < committed {c.rows}")
+        for src in c.sources:
+            shape = f["acts"][src].shape
+            if shape[0] < c.rows or shape[1] != c.d_model:
+                problems.append(f"/acts/{src} shape {shape} does not fit {c.rows}x{c.d_model}")
+        offs = f["seq_offsets"][: c.n_sequences + 1]
+        if len(offs) != c.n_sequences + 1 or offs[0] != 0 or offs[-1] != c.rows \
+                or np.any(np.diff(offs) <= 0):
+            problems.append("sequence offsets do not tile the committed rows")
+        if problems:
+            return problems
+        for a in range(0, c.rows, chunk_rows):
+            b = min(c.rows, a + chunk_rows)
+            seq = c.sequence_ids(a, b)
+            if np.any(np.diff(seq) < 0):
+                problems.append(f"sequence ids decrease within rows [{a}, {b})")
+            expect = np.arange(a, b) - offs[seq]
+            if np.any(c.positions(a, b) != expect):
+                problems.append(f"positions disagree with sequence offsets in rows [{a}, {b})")
+            r = c.roles(a, b)
+            if np.any((r < 0) | (r > 3)):
+                problems.append(f"invalid role codes in rows [{a}, {b})")
+            for src in c.sources:
+                x = c.raw_activations(src, a, b)
+                bad = ~np.isfinite(x).all(axis=1)
+                if bad.any():
+                    i = a + int(np.argmax(bad))
+                    problems.append(f"non-finite activations in source {src!r} at row {i}")
+    return problems

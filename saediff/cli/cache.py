@@ -1,0 +1,62 @@
+"""`saediff cache ...`, `saediff cache info FILE`, `saediff cache verify FILE`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from saediff.config import add_dataclass_args, build_config
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("info", "verify"):
+        return _inspect(argv[0], argv[1:])
+    from saediff.cache import CacheConfig, build_cache
+
+    p = argparse.ArgumentParser(
+        prog="saediff cache",
+        description="Stream one layer's residual-stream activations of one or two models into "
+                    "an HDF5 cache. Subcommands: `saediff cache info FILE [--json]`, "
+                    "`saediff cache verify FILE`.")
+    p.add_argument("--config", help="YAML file with CacheConfig fields (flags override it)")
+    add_dataclass_args(p, CacheConfig, defaults_none=True)
+    ns = vars(p.parse_args(argv))
+    cfg = build_config(CacheConfig, ns.pop("config"), ns)
+    out = build_cache(cfg)
+    print(f"cache written: {out}")
+    return 0
+
+
+def _inspect(cmd: str, argv: list[str]) -> int:
+    from saediff.cachefile import open_cache, verify_cache
+
+    p = argparse.ArgumentParser(prog=f"saediff cache {cmd}")
+    p.add_argument("file", help="cache file (.h5)")
+    if cmd == "info":
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    ns = p.parse_args(argv)
+    if cmd == "verify":
+        problems = verify_cache(ns.file)
+        for msg in problems:
+            print(f"PROBLEM: {msg}")
+        with open_cache(ns.file) as c:
+            state = "complete" if c.complete else "INCOMPLETE (interrupted writer; rerun to resume)"
+            print(f"{c.path}: {c.rows} rows, {c.n_sequences} sequences, {state}: "
+                  f"{'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    with open_cache(ns.file) as c:
+        info = c.info()
+    if ns.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    print(f"{info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
+    print(f"  rows {info['rows']}  sequences {info['sequences']}  d_model {info['d_model']}  "
+          f"layer {info['layer']} ({info['hook_name']})  dtype {info['dtype']}  "
+          f"ctx_len {info['ctx_len']}")
+    print(f"  roles {info['role_counts']}")
+    for src, m in info["models"].items():
+        adapter = f" + adapter {m['adapter']}" if m.get("adapter") else ""
+        print(f"  source {src}: {m['name']}{adapter} [{m['architecture']}, "
+              f"weights {m['fingerprint']}]")
+    print(f"  dataset {json.dumps(info['dataset'])}")
+    print(f"  tokenizer {info['tokenizer_fingerprint']}  saediff {info['saediff_version']}")
+    return 0
