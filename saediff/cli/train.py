@@ -1,0 +1,35 @@
+"""`saediff train --config FILE.yaml [--cache FILE.h5 ...] [--out DIR] [--field value ...]`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from saediff.config import add_dataclass_args, build_config
+
+
+def main(argv: list[str]) -> int:
+    from saediff.train import TrainConfig, train
+
+    p = argparse.ArgumentParser(
+        prog="saediff train",
+        description="Train SAELens SAEs (TopK, BatchTopK, standard L1, JumpReLU, ...) on one "
+                    "layer's activations out of an HDF5 cache, without re-running the model. "
+                    "Resumes from OUT/checkpoints when present. Flags override the YAML.")
+    p.add_argument("--config", help="YAML file with TrainConfig fields (see configs/)")
+    add_dataclass_args(p, TrainConfig, defaults_none=True, skip=("sweep", "sae_kwargs"))
+    p.add_argument("--no-evals", action="store_true", help="skip evals.json (quick runs)")
+    ns = vars(p.parse_args(argv))
+    no_evals = ns.pop("no_evals")
+    cfg = build_config(TrainConfig, ns.pop("config"), ns)
+    run_dirs = train(cfg, evals=not no_evals)
+    for d in run_dirs:
+        line = f"SAE saved: {d}"
+        ev = d / "evals.json"
+        if ev.is_file():
+            res = json.loads(ev.read_text())
+            line += "  " + "  ".join(
+                f"{s}: FVU {r['fvu']:.3f} L0 {r['l0']:.1f} dead {r['dead_frac']:.2f}"
+                + (f" dLoss {r['delta_loss']:.3f}" if r.get("delta_loss") is not None else "")
+                for s, r in res.items())
+        print(line)
+    return 0

@@ -1,0 +1,197 @@
+"""Sparse forward/backward for SAELens TopK and BatchTopK training SAEs (CPU fast path).
+
+SAELens trains a TopK SAE by scattering the k active values into a dense [B, d_sae] tensor and
+decoding with a dense matmul, so autograd's backward costs two more dense B x d_in x d_sae
+matmuls (one for W_dec, one for W_enc) on top of the encoder. Only B*k entries are non-zero,
+so, as EleutherAI/sparsify does, we keep the activations as index/value lists and compute the
+gradients by hand:
+
+    forward   pre_s = (x - b_dec) @ (W_enc * n) + b_enc * n     n = ||W_dec rows|| (or 1)
+              top-k of pre_s (per row, or over the batch for BatchTopK), a = relu(v) / n
+              x_hat = a @ W_dec + b_dec                          (CSR sparse @ dense)
+    backward  g = d loss / d x_hat;  da = <g_row, W_dec_col>     (sampled dense-dense mm)
+              dW_dec = A^T g,  dW_enc = (x - b_dec)^T dA,  db_enc = colsum dA,
+              db_dec = sum g - W_enc db_enc                       (all sparse, O(B k d))
+
+It is the same function as SAELens's `training_forward_pass` (MSE + TopK auxiliary loss on
+dead latents, `rescale_acts_by_decoder_norm` honoured), so gradients match its autograd up to
+float rounding (`tests/test_train.py` checks allclose). The weights stay the SAELens
+parameters; only the arithmetic differs.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+
+
+def supports_fast_path(sae: torch.nn.Module) -> bool:
+    """True for plain TopK / BatchTopK training SAEs (not Matryoshka or other subclasses)."""
+    return (type(sae) in (TopKTrainingSAE, BatchTopKTrainingSAE)
+            and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+            and sae.cfg.reshape_activations == "none")
+
+
+@dataclass
+class SparseActs:
+    """Active latents of a batch as COO lists sorted by row: rows, cols, values (a >= 0)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    n_rows: int
+    n_cols: int
+
+    def csr(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_rows, n_cols] CSR (rows must be sorted)."""
+        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        crow = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=self.rows.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        v = self.vals if values is None else values
+        return torch.sparse_csr_tensor(crow, self.cols, v, (self.n_rows, self.n_cols))
+
+
+def _sampled(acts: SparseActs, g: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """<g[row], W_dec[col]> for every active entry (sampled dense-dense matmul)."""
+    pattern = acts.csr(torch.zeros_like(acts.vals))
+    out = torch.sparse.sampled_addmm(pattern, g, w_dec.T, beta=0.0, alpha=1.0)
+    return out.values()
+
+
+def _decode(acts: SparseActs, w_dec: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(acts.csr(), w_dec)
+
+
+@torch.no_grad()
+def select(sae: TopKTrainingSAE, x: torch.Tensor) -> tuple[SparseActs, torch.Tensor, torch.Tensor]:
+    """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n)."""
+    w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        n = w_dec.norm(dim=-1)
+        pre_s = torch.addmm(b_enc * n, sae_in, w_enc * n)
+    else:
+        n = None
+        pre_s = torch.addmm(b_enc, sae_in, w_enc)
+    B, m = pre_s.shape
+    if isinstance(sae, BatchTopKTrainingSAE):
+        top = torch.topk(pre_s.relu().flatten(), int(sae.cfg.k * B), sorted=False)
+        flat, order = torch.sort(top.indices)
+        rows, cols, vals = flat // m, flat % m, top.values[order]
+    else:
+        top = torch.topk(pre_s, int(sae.cfg.k), dim=-1, sorted=False)
+        rows = torch.arange(B, device=pre_s.device).repeat_interleave(int(sae.cfg.k))
+        cols, vals = top.indices.flatten(), top.values.flatten().relu()
+    acts = SparseActs(rows, cols, vals, B, m)
+    return acts, pre_s, (n if n is not None else torch.ones(m, device=pre_s.device))
+
+
+class SparseTopKStep:
+    """SAELens `training_forward_pass` + backward for one TopK/BatchTopK SAE, sparse.
+
+    Gradient buffers are allocated once and reused (`addmm(out=...)` skips the zero-fill and
+    copy that `torch.sparse.mm` pays on a fresh [d_sae, d_in] result every step).
+    """
+
+    def __init__(self, sae: TopKTrainingSAE):
+        self.sae = sae
+        m, d = sae.W_dec.shape
+        kw = {"dtype": sae.W_dec.dtype, "device": sae.W_dec.device}
+        self.buf_w_dec = torch.empty(m, d, **kw)
+        self.buf_w_enc_t = torch.empty(m, d, **kw)
+        self.buf_w_enc = torch.empty(d, m, **kw)
+
+    def _scatter(self, acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
+                 values: torch.Tensor, dense: torch.Tensor, out: torch.Tensor, beta: float) -> None:
+        """out = beta * out + A^T @ dense, A = acts pattern with `values`."""
+        t = torch.sparse_csr_tensor(crow, acts.rows[order], values[order],
+                                    (acts.n_cols, acts.n_rows))
+        torch.addmm(out, t, dense, beta=beta, out=out)
+
+    @staticmethod
+    def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort(acts.cols, stable=True)
+        counts = torch.bincount(acts.cols, minlength=acts.n_cols)
+        crow = torch.zeros(acts.n_cols + 1, dtype=torch.int64, device=acts.cols.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return order, crow
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> dict:
+        """Loss on batch `x`; sets `.grad` of every parameter of the SAE.
+
+        Returns mse_loss, auxiliary_reconstruction_loss, loss, sae_out and `acts` (the active
+        latents, values as SAELens's feature_acts).
+        """
+        sae = self.sae
+        w_enc, w_dec = sae.W_enc, sae.W_dec
+        B = x.shape[0]
+        acts_s, pre_s, n = select(sae, x)
+        if isinstance(sae, BatchTopKTrainingSAE):
+            pos = acts_s.vals > 0
+            if pos.any():
+                sae.update_topk_threshold(acts_s.vals[pos])
+        a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
+        acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
+        x_hat = torch.addmm(sae.b_dec, acts.csr(), w_dec) if a.numel() else \
+            sae.b_dec.expand_as(x).clone()
+        diff = x_hat - x
+        mse = diff.pow(2).sum(-1).mean()
+        g = diff * (2.0 / B)
+        da = _sampled(acts, g, w_dec) * (a > 0)
+        sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+        order, crow = self._transpose_pattern(acts)
+        self._scatter(acts, order, crow, a, g, self.buf_w_dec, 0.0)
+        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, 0.0)
+        grad_b_enc = torch.zeros(acts.n_cols, dtype=x.dtype, device=x.device).index_add_(
+            0, acts.cols, da)
+
+        aux = x.new_zeros(())
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        if num_dead > 0:
+            k_aux = x.shape[-1] // 2
+            scale = min(num_dead / k_aux, 1.0)
+            k_aux = min(k_aux, num_dead)
+            coef = sae.cfg.aux_loss_coefficient * scale
+            masked = torch.where(dead_mask[None], pre_s, -torch.inf)
+            top = masked.topk(k_aux, dim=-1, sorted=False)
+            cols = top.indices.flatten()
+            rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
+            aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, acts.n_cols)
+            recons = torch.sparse.mm(aux_acts.csr(), w_dec)
+            aux_diff = recons + diff                 # recons - (x - x_hat)
+            aux = coef * aux_diff.pow(2).sum(-1).mean()
+            g_aux = aux_diff * (2.0 * coef / B)
+            da_aux = _sampled(aux_acts, g_aux, w_dec)
+            order, crow = self._transpose_pattern(aux_acts)
+            self._scatter(aux_acts, order, crow, aux_acts.vals, g_aux, self.buf_w_dec, 1.0)
+            self._scatter(aux_acts, order, crow, da_aux, sae_in, self.buf_w_enc_t, 1.0)
+            grad_b_enc.index_add_(0, aux_acts.cols, da_aux)
+        grad_b_dec = g.sum(0)
+        if sae.cfg.apply_b_dec_to_input:
+            grad_b_dec -= w_enc @ grad_b_enc
+        self.buf_w_enc.copy_(self.buf_w_enc_t.T)
+        sae.W_enc.grad = self.buf_w_enc
+        sae.W_dec.grad = self.buf_w_dec
+        sae.b_enc.grad = grad_b_enc
+        sae.b_dec.grad = grad_b_dec
+        return {"mse_loss": mse, "auxiliary_reconstruction_loss": aux, "loss": mse + aux,
+                "sae_out": x_hat, "acts": acts_s}
+
+
+def train_step_grads(sae: TopKTrainingSAE, x: torch.Tensor,
+                     dead_mask: torch.Tensor | None) -> dict:
+    """One-off `SparseTopKStep(sae)(x, dead_mask)` (tests; training reuses the step object)."""
+    return SparseTopKStep(sae)(x, dead_mask)
+
+
+@torch.no_grad()
+def encode_ceiling_step(w_enc: torch.Tensor, b_enc: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    """The lower bound of any TopK step: one encoder matmul and a top-k per token."""
+    torch.addmm(b_enc, x, w_enc).topk(k, dim=-1, sorted=False)

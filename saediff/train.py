@@ -1,0 +1,373 @@
+"""Train SAELens SAEs on one layer out of the HDF5 activation cache (no language model).
+
+One `ActivationStore` feeds every SAE of a sweep: each step reads one batch and all SAEs
+train on it. Each SAE has a SAELens `SAETrainer` (its optimizer bookkeeping, LR and
+coefficient schedules, dead-latent tracking); TopK/BatchTopK SAEs swap its dense train step
+for the sparse one in `saediff.sparse`. Inputs are scaled to mean norm sqrt(d_in) when
+`normalize` is on and the factor is folded into the saved weights, so a saved SAE works on raw
+activations. Checkpoints are atomic and resume bit-for-bit (store position, optimizer,
+schedules, tracking state, RNG).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from saediff.config import config_to_dict
+from saediff.errors import SaediffError
+from saediff.trainer import _write_json, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk",
+                 "abstopk")
+
+
+@dataclass
+class TrainConfig:
+    cache: list[str] = field(default_factory=lambda: ["activations_cache/cache.h5"])
+    """Activation cache file(s) written by `saediff cache`."""
+    out: str = "runs/sae"
+    """Run directory (for a sweep: one sub-directory per SAE)."""
+    sources: dict[str, float] = field(default_factory=lambda: {"base": 0.5, "finetuned": 0.5})
+    """Cache sources and their share of each batch, e.g. base=0.5,finetuned=0.5."""
+    d_in: int | None = None
+    """Expected activation width (d_model); checked against the cache when given."""
+    roles: list[str] | None = None
+    """Token roles to train on (special, prompt, response, text); default all but special."""
+    architecture: Literal["topk", "batchtopk", "standard", "jumprelu", "gated",
+                          "matryoshka_batchtopk", "abstopk"] = "topk"
+    """SAELens architecture to train."""
+    d_sae: int = 768
+    """Number of latents."""
+    k: float = 16
+    """Active latents per token (topk, batchtopk, matryoshka_batchtopk, abstopk)."""
+    l1_coefficient: float = 5.0
+    """Sparsity penalty coefficient (standard, gated: L1; jumprelu: L0)."""
+    sae_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra SAELens training-config fields for the architecture (YAML mapping)."""
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """Grid of overrides, e.g. {k: [8, 16], d_sae: [768, 1536]}: one SAE per combination."""
+    total_tokens: int = 2_000_000
+    """Training tokens (rows) per SAE."""
+    batch_size: int = 4096
+    """Rows per training step."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    lr_scheduler: Literal["constant", "cosineannealing"] = "constant"
+    """LR schedule after warm-up."""
+    lr_warm_up_steps: int = 0
+    """Linear LR warm-up steps."""
+    lr_decay_steps: int = 0
+    """Linear LR decay-to-zero steps at the end."""
+    normalize: bool = True
+    """Scale inputs to mean norm sqrt(d_in) while training (folded into the saved SAE)."""
+    norm_batches: int = 20
+    """Batches used to estimate the normalisation factor."""
+    dead_feature_window: int = 500
+    """Steps without firing after which a latent counts as dead (TopK auxiliary loss)."""
+    eval_fraction: float = 0.05
+    """Share of sequences held out for evals (never trained on)."""
+    eval_rows: int = 50_000
+    """Max held-out rows per source for FVU / L0 / dead / dense."""
+    eval_sequences: int = 64
+    """Held-out sequences per source for the spliced next-token loss / KL (0 skips)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (0: only at the end)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    fast_path: bool = True
+    """Use the sparse TopK/BatchTopK step (same gradients as SAELens, several times faster)."""
+    buffer_rows: int = 1 << 18
+    """Shuffle buffer rows per source stream."""
+    seed: int = 0
+    """Seed for SAE initialisation and data order."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda, ...)."""
+    threads: int = 0
+    """torch intra-op threads (0: auto = 1 for small SAEs, where threads only add sync cost)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, str):
+            self.cache = [self.cache]
+        if not self.cache:
+            raise ValueError("cache: give at least one cache file")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, "
+                             f"got {self.architecture!r}")
+        for name in ("d_sae", "total_tokens", "batch_size", "norm_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.k <= 0:
+            raise ValueError(f"k must be > 0, got {self.k}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        bad = set(self.sweep) - {f.name for f in dataclasses.fields(self)} | \
+            set(self.sweep) & {"cache", "out", "sources", "roles", "sweep", "batch_size",
+                               "total_tokens", "seed", "eval_fraction", "buffer_rows"}
+        if bad:
+            raise ValueError(f"sweep: cannot sweep over {sorted(bad)} (SAE fields only)")
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+
+def expand_sweep(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(name, config) per SAE of the sweep; a single run is named ''."""
+    if not cfg.sweep:
+        return [("", cfg)]
+    keys = list(cfg.sweep)
+    runs = []
+    for combo in itertools.product(*(cfg.sweep[k] for k in keys)):
+        over = dict(zip(keys, combo))
+        name = "_".join(f"{k}{v}" for k, v in over.items())
+        runs.append((name, dataclasses.replace(cfg, sweep={}, **over)))
+    return runs
+
+
+# --- SAE construction ------------------------------------------------------------------------
+
+def build_sae(cfg: TrainConfig, d_in: int, metadata: dict[str, Any]) -> Any:
+    """A SAELens training SAE of `cfg.architecture` (seeded by cfg.seed)."""
+    import sae_lens  # noqa: F401  (registers the architectures)
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae_cls, cfg_cls = get_sae_training_class(cfg.architecture)
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    kw: dict[str, Any] = {"d_in": d_in, "d_sae": cfg.d_sae, "device": cfg.device,
+                          "dtype": "float32",
+                          "normalize_activations": "expected_average_only_in" if cfg.normalize
+                          else "none"}
+    if "k" in names:
+        kw["k"] = cfg.k if cfg.architecture != "topk" and cfg.architecture != "abstopk" \
+            else int(cfg.k)
+    if "l1_coefficient" in names:
+        kw["l1_coefficient"] = cfg.l1_coefficient
+    if "l0_coefficient" in names:
+        kw["l0_coefficient"] = cfg.l1_coefficient
+    if cfg.architecture == "matryoshka_batchtopk" and "matryoshka_widths" not in cfg.sae_kwargs:
+        kw["matryoshka_widths"] = [cfg.d_sae // 4, cfg.d_sae // 2, cfg.d_sae]
+    unknown = set(cfg.sae_kwargs) - names
+    if unknown:
+        raise SaediffError(f"sae_kwargs: {sorted(unknown)} are not fields of "
+                           f"{cfg_cls.__name__} (known: {sorted(names)})")
+    kw.update(cfg.sae_kwargs)
+    torch.manual_seed(cfg.seed)
+    return sae_cls(cfg_cls(**kw, metadata=SAEMetadata(**metadata)))
+
+
+def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
+    from saediff.trainer import FastSAETrainer
+
+    return FastSAETrainer(cfg, sae, store)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def open_store(cfg: TrainConfig, split: str = "train", sources: dict[str, float] | None = None,
+               batch_size: int | None = None, seed: int | None = None) -> Any:
+    from saediff.store import ActivationStore
+
+    return ActivationStore(cfg.cache, sources=sources or cfg.sources, roles=cfg.roles,
+                           batch_size=batch_size or cfg.batch_size,
+                           seed=cfg.seed if seed is None else seed, buffer_rows=cfg.buffer_rows,
+                           split=split, eval_fraction=cfg.eval_fraction, device=cfg.device)
+
+
+def check_caches(cfg: TrainConfig, d_in: int | None = None) -> dict[str, Any]:
+    """Validate caches against the config; returns {d_model, layer, hook_name, models}."""
+    from saediff.cachefile import open_cache
+    from saediff.models import role_codes
+
+    infos = []
+    for path in cfg.cache:
+        with open_cache(path) as c:
+            infos.append((str(path), c.d_model, c.layer, c.hook_name, c.sources,
+                          c.attrs.get("models", {})))
+    for path, d, layer, _, srcs, _ in infos:
+        if d_in is not None and d != d_in:
+            raise SaediffError(f"d_in mismatch: {path} holds d_model {d}, expected {d_in}")
+    if len({i[1] for i in infos}) > 1:
+        raise SaediffError(f"caches disagree on d_model: {[(i[0], i[1]) for i in infos]}")
+    if len({i[2] for i in infos}) > 1:
+        raise SaediffError(f"caches disagree on layer: {[(i[0], i[2]) for i in infos]}")
+    have = sorted({s for i in infos for s in i[4]})
+    missing = [s for s in cfg.sources if s not in have]
+    if missing:
+        raise SaediffError(f"source(s) {missing} not in cache(s) {cfg.cache} "
+                           f"(available sources: {have})")
+    if cfg.roles:
+        role_codes(cfg.roles)
+    models: dict[str, Any] = {}
+    for i in infos:
+        models.update(i[5])
+    return {"d_model": infos[0][1], "layer": infos[0][2], "hook_name": infos[0][3],
+            "models": models, "sources": have}
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True,
+          store: Any = None) -> list[Path]:
+    """Train every SAE of `cfg` (resuming from `out` if it holds a checkpoint).
+
+    Returns the run directories. `stop_after` ends the loop early at that step without
+    finishing (used to simulate an interruption); `store` replaces the cache store (any
+    iterator of [B, d] batches with state_dict/load_state_dict, e.g. `TensorStore`).
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, stop_after, evals, store)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) -> list[Path]:
+    runs = expand_sweep(cfg)
+    if store is None:
+        info = check_caches(cfg, cfg.d_in)
+        store = open_store(cfg)
+    else:
+        info = {"d_model": store.d_model, "layer": getattr(store, "layer", -1),
+                "hook_name": getattr(store, "hook_name", ""), "models": {}, "sources": []}
+    small = max(c.d_sae for _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
+    if cfg.threads or (small and cfg.device == "cpu"):
+        torch.set_num_threads(cfg.threads or 1)
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    run_dirs = [root / name if name else root for name, _ in runs]
+    base_model = info["models"].get("base", next(iter(info["models"].values()), {}))
+    meta = {"hook_name": info["hook_name"], "layer": info["layer"],
+            "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
+            "saediff_caches": [str(p) for p in cfg.cache], "saediff_roles": cfg.roles}
+    trainers = []
+    for (name, rcfg), rdir in zip(runs, run_dirs):
+        rdir.mkdir(parents=True, exist_ok=True)
+        _write_json(rdir / "train_config.json", config_to_dict(rcfg))
+        trainers.append(_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store))
+    state = load_checkpoint(root, trainers, store)
+    start = state["step"] if state else 0
+    scale = state["scale"] if state else None
+    if scale is None and cfg.normalize:
+        scale = estimate_scale(cfg, store, info["d_model"])
+    for tr in trainers:
+        tr.activation_scaler.scaling_factor = scale if cfg.normalize else None
+    for rdir in run_dirs:
+        _truncate_metrics(rdir / "metrics.jsonl", start)
+    extra = {"n_saes": len(trainers), "scale": scale}
+    last_ck = state and start
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=None)
+    step = start
+    try:
+        while step < cfg.steps:
+            if stop_after is not None and step >= stop_after:
+                return run_dirs
+            batch = next(store)
+            outs = []
+            for tr, (name, _) in zip(trainers, runs):
+                try:
+                    outs.append(tr.step(batch))
+                except FloatingPointError as exc:
+                    where = f"last good checkpoint: step {last_ck}" if last_ck else \
+                        "no checkpoint written yet"
+                    raise SaediffError(f"non-finite loss at step {step}"
+                                       f"{' in ' + name if name else ''} ({exc}); training "
+                                       f"stopped, {where} in {root / 'checkpoints'}") from exc
+            step += 1
+            for tr in trainers:
+                tr.n_training_steps = step
+                tr.maybe_reset_sparsity()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                for tr, out, rdir in zip(trainers, outs, run_dirs):
+                    with (rdir / "metrics.jsonl").open("a") as fh:
+                        fh.write(json.dumps(tr.metrics(out, step)) + "\n")
+                bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
+                                l0=f"{float(outs[0]['l0']):.1f}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                save_checkpoint(root, step, trainers, store, extra)
+                last_ck = step
+            bar.update(1)
+    finally:
+        bar.close()
+        if hasattr(store, "close") and step >= cfg.steps:
+            store.close()
+    for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs):
+        save_final(tr, rdir)
+        if evals:
+            from saediff.sae_evals import write_evals
+
+            write_evals(rdir, rcfg)
+        from saediff.plots import write_curves
+
+        write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
+    return run_dirs
+
+
+@torch.no_grad()
+def estimate_scale(cfg: TrainConfig, store: Any, d_in: int) -> float:
+    """sqrt(d_in) / mean row norm over `norm_batches` batches (of a separate store)."""
+    if hasattr(store, "peek_batches"):
+        batches = store.peek_batches(cfg.norm_batches)
+    else:
+        probe = open_store(cfg, seed=cfg.seed + 7919)
+        batches = [next(probe) for _ in range(cfg.norm_batches)]
+        probe.close()
+    norms = torch.cat([b.norm(dim=-1) for b in batches])
+    return float(d_in ** 0.5 / norms.mean().item())
+
+
+def save_final(trainer: Any, run_dir: Path) -> None:
+    """Fold the input scale into a copy of the SAE and save it in SAELens's format."""
+    import copy
+
+    sae = copy.deepcopy(trainer.sae).cpu()
+    scale = trainer.activation_scaler.scaling_factor
+    if scale is not None:
+        sae.fold_activation_norm_scaling_factor(scale)
+    sae.cfg.metadata.saediff_input_scale = scale
+    sae.cfg.metadata.saediff_steps = trainer.n_training_steps
+    sae.cfg.metadata.saediff_tokens = trainer.n_training_samples
+    tmp = run_dir / ".sae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_inference_model(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> Any:
+    """The SAELens SAE (inference class, raw-activation input) saved in a run directory."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
+        subs = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file()) \
+            if path.is_dir() else []
+        hint = f"; sweep runs inside: {subs}" if subs else ""
+        raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json + sae_weights."
+                                f"safetensors){hint}")
+    return SAE.load_from_disk(path, device=device)
+
