@@ -1,0 +1,351 @@
+"""Inputs of the differ: the diff config, SAE loading and checks, and the token sets.
+
+Both sides of a diff are measured on the *same* token sequences (selected roles only), so a
+latent's shift is a paired difference. In prompt-induced mode the two sides differ by a system
+prompt or a few-shot prefix, whose tokens are excluded from the measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Literal
+
+import torch
+
+from saediff.errors import SaediffError
+from saediff.models import (ROLE_PROMPT, ROLE_RESPONSE, ROLE_SPECIAL, LoadedModel, _roles_from_offsets,
+                            encode_chat, render_chat)
+
+log = logging.getLogger(__name__)
+ModelContext = Callable[[LoadedModel], ContextManager[Any]]
+
+
+@dataclass
+class DiffConfig:
+    """Configuration of `saediff diff`."""
+
+    base: str
+    """Aligned (base) model: HF name or local directory."""
+    sae: str
+    """SAE run directory (SAELens format: cfg.json + sae_weights.safetensors)."""
+    layer: int
+    """Block whose residual-stream output the SAE reads (must match the SAE's hook)."""
+    prompts: str
+    """.jsonl with a `prompt` field and optional `response` and label fields."""
+    finetuned: list[str] = field(default_factory=list)
+    """Fine-tuned model(s); several = a trajectory (ranked on the last). Empty = base (prompt-induced)."""
+    base_adapter: str | None = None
+    """PEFT adapter applied on top of the base model."""
+    finetuned_adapter: list[str] = field(default_factory=list)
+    """PEFT adapter(s) on the fine-tuned model; several = a trajectory of checkpoints."""
+    out: str | None = None
+    """Output directory (ranking.csv/json, directions.json, evidence.json, report.html)."""
+    responses_from: Literal["file", "base", "finetuned", "none"] = "file"
+    """Responses: the file's `response` field, sampled from a model, or none (prompt tokens only)."""
+    samples: int = 1
+    """Responses sampled per prompt with --responses-from base|finetuned."""
+    max_new_tokens: int = 48
+    """Length limit of sampled responses."""
+    temperature: float = 1.0
+    """Sampling temperature for sampled responses."""
+    tokens: Literal["auto", "prompt", "response", "both"] = "auto"
+    """Token set measured: prompt, response or both (auto = response when there are responses)."""
+    base_system: str | None = None
+    """System prompt on the base side (prompt-induced diffing)."""
+    finetuned_system: str | None = None
+    """System prompt on the fine-tuned side (prompt-induced diffing)."""
+    base_prefix: str | None = None
+    """Text file prepended to each user prompt on the base side (e.g. few-shot examples)."""
+    finetuned_prefix: str | None = None
+    """Text file prepended to each user prompt on the fine-tuned side (e.g. few-shot examples)."""
+    rank_by: Literal["mean_shift", "norm_shift", "freq_shift"] = "mean_shift"
+    """Statistic the ranking sorts by."""
+    direction: Literal["both", "up", "down"] = "both"
+    """Rank by absolute shift (both) or only increases (up) / decreases (down)."""
+    top_k: int = 10
+    """Latents with evidence, trajectory lines and decoder directions."""
+    n_boot: int = 1000
+    """Bootstrap replicates (resampling prompts) for the confidence intervals."""
+    ci_level: float = 0.95
+    """Confidence level of the bootstrap intervals."""
+    fire_threshold: float = 0.0
+    """A latent 'fires' on a token when its activation exceeds this."""
+    label_field: str = "persona"
+    """Field of the prompts file marking misaligned answers (for the labelled diff-in-means)."""
+    positive_labels: list[str] = field(default_factory=lambda: ["toxic", "misaligned", "bad", "1", "true"])
+    """Values of --label-field counted as misaligned."""
+    lora_adapter: list[str] = field(default_factory=list)
+    """Extra PEFT adapter dirs whose LoRA B vectors join the direction comparison."""
+    contexts_cache: str | None = None
+    """Activation cache (.h5) to draw top-activating contexts from (default: the diff set)."""
+    max_prompts: int | None = None
+    """Use at most this many prompts from the file."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """Torch device for models and SAE."""
+    seed: int = 0
+    """Seed for sampling and bootstrap."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.finetuned, str):
+            self.finetuned = [self.finetuned]
+        if isinstance(self.finetuned_adapter, str):
+            self.finetuned_adapter = [self.finetuned_adapter]
+        if isinstance(self.lora_adapter, str):
+            self.lora_adapter = [self.lora_adapter]
+        self.positive_labels = [str(x).lower() for x in self.positive_labels]
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        for name in ("samples", "top_k", "n_boot", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"ci_level must be in (0, 1), got {self.ci_level}")
+        if len(self.finetuned) > 1 and len(self.finetuned_adapter) > 1 and \
+                len(self.finetuned) != len(self.finetuned_adapter):
+            raise ValueError("finetuned and finetuned_adapter: give one of them once, or equally many")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+
+    def checkpoints(self) -> list[tuple[str, str | None]]:
+        """(model, adapter) of each fine-tuned checkpoint, in trajectory order."""
+        models = self.finetuned or [self.base]
+        adapters: list[str | None] = list(self.finetuned_adapter) or [None]
+        n = max(len(models), len(adapters))
+        models = models * n if len(models) == 1 else models
+        adapters = adapters * n if len(adapters) == 1 else adapters
+        if not self.finetuned and not self.finetuned_adapter:
+            adapters = [self.base_adapter]
+        return list(zip(models, adapters))
+
+
+# --- SAE -----------------------------------------------------------------------------------
+
+def load_sae_any(run_dir: str | Path, device: str = "cpu") -> Any:
+    """`saediff.load_sae` when available, else any SAELens directory (searched one level down)."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"SAE run directory not found: {path}")
+    try:
+        from saediff.train import load_sae  # type: ignore[attr-defined]
+    except ImportError:
+        load_sae = None
+    if load_sae is not None:
+        try:
+            return load_sae(path, device=device)
+        except TypeError:
+            return load_sae(path).to(device)
+    from sae_lens import SAE
+
+    if not (path / "cfg.json").is_file():
+        found = sorted(p.parent for p in path.glob("*/cfg.json"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no SAELens cfg.json here or one level below")
+        path = found[-1]
+    return SAE.load_from_disk(str(path), device=device)
+
+
+def sae_layer(sae: Any) -> tuple[int | None, str | None]:
+    """(layer whose residual output the SAE reads, hook name) from the SAE's metadata."""
+    meta = getattr(sae.cfg, "metadata", None)
+    get = (lambda k: meta.get(k)) if meta is not None else (lambda k: None)
+    hook = get("hook_name") or getattr(sae.cfg, "hook_name", None)
+    layer = get("layer")
+    if layer is None:
+        layer = get("hook_layer")
+    if layer is not None:
+        return int(layer), hook
+    if hook:
+        for bad in ("hook_resid_mid", "mlp_out", "attn_out", "hook_z", "hook_q", "hook_k", "hook_v"):
+            if bad in hook:
+                raise SaediffError(f"SAE hook {hook!r} is not the residual stream after a block; "
+                                   "saediff diff measures the residual stream (hook_resid_post)")
+        m = re.search(r"(?:blocks|layers|h)\.(\d+)", hook)
+        if m:
+            n = int(m.group(1))
+            return (n - 1 if "resid_pre" in hook else n), hook
+    return None, hook
+
+
+def check_sae(sae: Any, lm: LoadedModel, layer: int) -> None:
+    """Refuse an SAE that does not fit the model and layer."""
+    lm.check_layer(layer)
+    d_in = int(sae.cfg.d_in)
+    if d_in != lm.d_model:
+        raise SaediffError(f"SAE d_in is {d_in} but {lm.name} has d_model {lm.d_model}: "
+                           "this SAE was trained on a different model")
+    sl, hook = sae_layer(sae)
+    if sl is None:
+        log.warning("SAE records no layer or hook name; trusting --layer %d", layer)
+    elif sl != layer:
+        raise SaediffError(f"--layer {layer} does not match the SAE's layer {sl} (hook {hook!r}); "
+                           f"use --layer {sl} or an SAE trained on layer {layer}")
+
+
+# --- prompts and token sets ------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One (prompt, response) exchange in the diff set."""
+
+    group: int
+    """Prompt index: the bootstrap resamples these."""
+    prompt: str
+    response: str | None
+    label: int | None = None
+    """1 = misaligned, 0 = aligned, None = unlabelled."""
+
+
+def load_prompts(path: str | Path, cfg: DiffConfig) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file not found: {p}")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SaediffError(f"{p}:{i + 1}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise SaediffError(f"{p}:{i + 1}: each line needs a non-empty string 'prompt' field")
+        rows.append(row)
+    if cfg.max_prompts is not None:
+        rows = rows[: cfg.max_prompts]
+    if not rows:
+        raise SaediffError(f"{p}: the prompt set is empty")
+    return rows
+
+
+def _label(row: dict[str, Any], cfg: DiffConfig) -> int | None:
+    if cfg.label_field not in row or row[cfg.label_field] is None:
+        return None
+    return int(str(row[cfg.label_field]).lower() in cfg.positive_labels)
+
+
+@torch.no_grad()
+def sample_responses(lm: LoadedModel, prompts: list[str], cfg: DiffConfig,
+                     system: str | None = None, context: ContextManager[Any] | None = None,
+                     batch_prompts: int = 16) -> list[list[str]]:
+    """`cfg.samples` sampled responses per prompt (batched generation, left-padded prompts)."""
+    torch.manual_seed(cfg.seed)
+    tok = lm.tokenizer
+    out: list[list[str]] = []
+    side = tok.padding_side
+    with context or contextlib.nullcontext():
+        try:
+            tok.padding_side = "left"  # generation only; measured passes re-encode, right-padded
+            for i in range(0, len(prompts), batch_prompts):
+                texts = [render_chat(tok, p, None, system) for p in prompts[i: i + batch_prompts]]
+                enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+                gen = lm.generate(input_ids=enc["input_ids"].to(lm.device),
+                                  attention_mask=enc["attention_mask"].to(lm.device),
+                                  do_sample=True, temperature=cfg.temperature,
+                                  max_new_tokens=cfg.max_new_tokens,
+                                  num_return_sequences=cfg.samples)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                dec = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+                out += [dec[k * cfg.samples: (k + 1) * cfg.samples] for k in range(len(texts))]
+        finally:
+            tok.padding_side = side
+    return out
+
+
+Labeler = Callable[[dict[str, Any], str], "int | None"]
+
+
+def build_examples(rows: list[dict[str, Any]], cfg: DiffConfig, sampled: list[list[str]] | None,
+                   labeler: Labeler | None = None) -> list[Example]:
+    """Examples to measure; `labeler(row, response)` -> 1 misaligned / 0 aligned / None labels
+    sampled responses (file responses use `cfg.label_field`)."""
+    ex: list[Example] = []
+    for g, row in enumerate(rows):
+        if sampled is not None:
+            ex += [Example(g, row["prompt"], r or None, labeler(row, r) if labeler and r else None)
+                   for r in sampled[g]]
+        elif cfg.responses_from == "file":
+            resp = row.get("response")
+            ex.append(Example(g, row["prompt"], resp if isinstance(resp, str) and resp else None,
+                              _label(row, cfg)))
+        else:
+            ex.append(Example(g, row["prompt"], None, None))
+    return ex
+
+
+def selected_roles(cfg: DiffConfig, examples: list[Example]) -> tuple[int, ...]:
+    has_resp = any(e.response for e in examples)
+    mode = cfg.tokens
+    if mode == "auto":
+        mode = "response" if has_resp else "prompt"
+    if mode == "response" and not has_resp:
+        raise SaediffError("--tokens response but no example has a response (give a `response` "
+                           "field or --responses-from base|finetuned)")
+    return {"prompt": (ROLE_PROMPT,), "response": (ROLE_RESPONSE,),
+            "both": (ROLE_PROMPT, ROLE_RESPONSE)}[mode]
+
+
+def encode_side(tok: Any, ex: Example, system: str | None, prefix: str | None
+                ) -> tuple[list[int], list[int]]:
+    """encode_chat with an optional user-turn prefix whose tokens get the `special` role."""
+    if not prefix:
+        return encode_chat(tok, ex.prompt, ex.response, system)
+    user = prefix + ex.prompt
+    text = render_chat(tok, user, ex.response, system)
+    start = text.find(system) + len(system) if system else 0
+    u0 = text.find(user, start)
+    if u0 < 0:
+        raise SaediffError("the chat template altered the prompt text; cannot locate it")
+    p0 = u0 + len(prefix)
+    spans = [(u0, p0, ROLE_SPECIAL), (p0, p0 + len(ex.prompt), ROLE_PROMPT)]
+    if ex.response:
+        r0 = text.find(ex.response, p0 + len(ex.prompt))
+        spans.append((r0, r0 + len(ex.response), ROLE_RESPONSE))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True,
+              return_special_tokens_mask=True)
+    roles = _roles_from_offsets(enc["offset_mapping"], enc["special_tokens_mask"], spans, ROLE_SPECIAL)
+    return list(enc["input_ids"]), roles
+
+
+@dataclass
+class Side:
+    """Encoded sequences of one side: ids, roles and the measured-token mask per sequence."""
+
+    ids: list[list[int]]
+    roles: list[list[int]]
+    select: list[torch.Tensor]
+
+    def batches(self, batch_size: int) -> Iterator[list[list[int]]]:
+        for i in range(0, len(self.ids), batch_size):
+            yield self.ids[i: i + batch_size]
+
+
+def encode_sides(tok: Any, examples: list[Example], cfg: DiffConfig, roles: tuple[int, ...]
+                 ) -> tuple[Side, Side]:
+    pre = {s: Path(p).read_text() if p else None
+           for s, p in (("base", cfg.base_prefix), ("ft", cfg.finetuned_prefix))}
+    sides = []
+    for name, system in (("base", cfg.base_system), ("ft", cfg.finetuned_system)):
+        ids, rl, sel = [], [], []
+        for ex in examples:
+            i, r = encode_side(tok, ex, system, pre[name])
+            ids.append(i)
+            rl.append(r)
+            sel.append(torch.tensor([x in roles for x in r], dtype=torch.bool))
+        sides.append(Side(ids, rl, sel))
+    base, ft = sides
+    for k, (a, b) in enumerate(zip(base.ids, ft.ids)):
+        ta = [t for t, s in zip(a, base.select[k]) if s]
+        tb = [t for t, s in zip(b, ft.select[k]) if s]
+        if ta != tb:
+            raise SaediffError(f"example {k}: the measured tokens differ between the two sides "
+                               "(a prefix/system prompt changed how the prompt is tokenized)")
+    if sum(int(s.sum()) for s in base.select) == 0:
+        raise SaediffError("no tokens to measure: the selected roles are empty in every example")
+    return base, ft

@@ -1,0 +1,373 @@
+"""Steer a model with an SAE latent or a direction: a context manager over any forward/generate.
+
+    with saediff.steer(lm, sae, latent=j, clamp=0.0):      # h' = h + (c - f_j(h)) d_j
+        lm.generate(...)
+    with saediff.steer(lm, sae, latent=j, add=8.0):        # h' = h + a d_j
+    with saediff.steer(lm, direction=v, add=4.0):          # h' = h + a v
+    with saediff.steer(lm, ablate=r):                      # h' = h - (h . r^) r^
+
+The edit is a forward hook on the output of block `layer` (the residual stream after it, HF
+`hidden_states[layer+1]`); the layer comes from the SAE's `hook_name` unless given. Hooks are
+removed on exit, also on exceptions. `positions="generated"` edits only tokens that were not
+in the prompt: a pre-hook on the model reads the KV cache length of every forward, so during
+`generate` the prefill (the prompt) is left alone and each decode step is edited.
+
+Cost: the clamp encodes only the latents it needs (one column of W_enc for a single latent)
+for standard (ReLU) and JumpReLU SAEs. A TopK SAE's f_j depends on whether j is in the top k,
+which needs the full pre-activation (one d_model x d_sae matmul per token, plus a topk); other
+architectures (gated, batch-topk, ...) fall back to the SAE's own encode/decode.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from saediff.errors import SaediffError
+
+ClampValue = float | Sequence[float] | Callable[[torch.Tensor], torch.Tensor]
+_FAST = ("standard", "jumprelu", "topk")
+
+
+# --- model / SAE plumbing ------------------------------------------------------------------
+
+def _resolve(model: Any) -> tuple[nn.Module, nn.ModuleList, int]:
+    """(top HF module that receives generate's kwargs, decoder blocks, d_model)."""
+    from saediff.models import LoadedModel, _base, _find_layers
+
+    if isinstance(model, LoadedModel):
+        return _base(model.model), model.layers, model.d_model
+    if isinstance(model, nn.Module):
+        top = _base(model)
+        cfg = top.config
+        d = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, k)),
+                 None)
+        return top, _find_layers(top), int(d)
+    raise SaediffError(f"cannot steer a {type(model).__name__}: pass a LoadedModel or HF model")
+
+
+def sae_layer(sae: Any) -> int | None:
+    """The block whose output the SAE reads, from its metadata (`hook_name`, `layer`)."""
+    meta = getattr(sae.cfg, "metadata", None)
+    hook = (meta.get("hook_name") if meta is not None else None) or getattr(sae.cfg, "hook_name", None)
+    if hook:
+        m = re.search(r"(?:blocks|layers|h)\.(\d+)\.hook_resid_(pre|post|mid)?", str(hook))
+        if m:
+            layer = int(m.group(1))
+            if m.group(2) == "pre":
+                layer -= 1  # resid_pre of block L is the output of block L-1
+            if m.group(2) == "mid":
+                raise SaediffError(f"SAE hook {hook!r} is mid-block; steering needs a "
+                                   "block-output SAE (hook_resid_post)")
+            if layer < 0:
+                raise SaediffError(f"SAE hook {hook!r} reads the embeddings; cannot steer there")
+            return layer
+    for key in ("layer", "hook_layer"):
+        value = meta.get(key) if meta is not None else None
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _arch(sae: Any) -> str:
+    arch = sae.cfg.architecture() if hasattr(sae.cfg, "architecture") else "?"
+    if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
+        raise SaediffError("this SAE reads attention hook_z, not the residual stream")
+    return arch
+
+
+def decoder_directions(sae: Any, latents: Sequence[int]) -> torch.Tensor:
+    """d_j as the SAE decodes it: W_dec[j] (divided by its norm for TopK SAEs that rescale
+    activations by decoder norm), so that f_j = 1 adds exactly d_j to the reconstruction."""
+    idx = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
+    d = sae.W_dec.detach()[idx]
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        d = d / d.norm(dim=-1, keepdim=True)
+    return d
+
+
+class LatentEncoder:
+    """f_J(h) for a few latents J, computing no more of the SAE than needed."""
+
+    def __init__(self, sae: Any, latents: Sequence[int]):
+        self.sae, self.arch = sae, _arch(sae)
+        d_sae = int(sae.cfg.d_sae)
+        bad = [j for j in latents if not 0 <= int(j) < d_sae]
+        if bad:
+            raise SaediffError(f"latent(s) {bad} out of range: the SAE has d_sae={d_sae}")
+        self.idx = torch.as_tensor([int(j) for j in latents], dtype=torch.long,
+                                   device=sae.W_dec.device)
+        self.norm = getattr(sae.cfg, "normalize_activations", "none")
+        self.fast = self.arch in _FAST
+        self.dtype = sae.W_dec.dtype
+        with torch.no_grad():
+            self.D = decoder_directions(sae, latents)  # [k, d]
+            if self.fast:
+                b_in = sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
+                self.W = sae.W_enc.detach()[:, self.idx].contiguous()  # [d, k]
+                # (x - b_in) @ W + b_enc == x @ W + const
+                self.const = sae.b_enc.detach()[self.idx] - b_in @ self.W
+                if self.arch == "jumprelu":
+                    self.thr = sae.threshold.detach()[self.idx]
+                if self.arch == "topk":
+                    self.k = int(sae.cfg.k)
+                    self.W_all = sae.W_enc.detach()
+                    self.const_all = sae.b_enc.detach() - b_in @ self.W_all
+                    self.rescale = (sae.W_dec.detach().norm(dim=-1)
+                                    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+                                    else None)
+
+    def _normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SAE input normalisation; returns (x_in, per-token output scale or None)."""
+        if self.norm == "constant_norm_rescale":
+            n = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+            return x / n, n
+        if self.norm == "layer_norm":
+            mu, std = x.mean(dim=-1, keepdim=True), (x - x.mean(dim=-1, keepdim=True)).std(
+                dim=-1, keepdim=True)
+            return (x - mu) / (std + 1e-5), std
+        return x, None
+
+    def to(self, device: torch.device) -> "LatentEncoder":
+        """Move the sliced weights (not the SAE) to the model's device, once."""
+        for name in ("D", "W", "const", "thr", "W_all", "const_all", "rescale"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        return self
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(f_J(h) [..., k], output scale [..., 1] or None), on h's device."""
+        if not self.fast:  # the SAE's own encode, on the SAE's device
+            x = h.to(device=self.sae.W_dec.device, dtype=self.dtype)
+            f = self.sae.encode(x)[..., self.idx]
+            scale = self._normalise(x)[1]
+            return f.to(h.device), None if scale is None else scale.to(h.device)
+        x = h.to(self.dtype)
+        x, scale = self._normalise(x)
+        if self.arch == "topk":  # membership in the top k needs every latent's pre-activation
+            full = x @ self.W_all + self.const_all
+            if self.rescale is not None:
+                full = full * self.rescale
+            pre = full[..., self.idx]
+            kth = full.topk(self.k, dim=-1).values[..., -1:]
+            return torch.where(pre >= kth, torch.relu(pre), torch.zeros_like(pre)), scale
+        pre = x @ self.W + self.const
+        if self.arch == "standard":
+            return torch.relu(pre), scale
+        return torch.relu(pre) * (pre > self.thr), scale
+
+
+# --- edits: h -> h' on a [..., d_model] tensor ---------------------------------------------
+
+def _as_vector(values: Any, k: int, what: str, device: torch.device, dtype: torch.dtype
+               ) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=dtype, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(k)
+    if t.numel() != k:
+        raise SaediffError(f"{what}: got {t.numel()} values for {k} latents")
+    return t
+
+
+def clamp_edit(sae: Any, latents: Sequence[int], value: ClampValue) -> Callable:
+    """h' = h + sum_j (c_j - f_j(h)) d_j (the SAE's error term is kept).
+
+    `value` is a number, one number per latent, or a function of the current activations
+    f [..., k] -> target [..., k] (e.g. `lambda f: f` is a no-op, `lambda f: 2 * f` doubles).
+    """
+    enc = LatentEncoder(sae, latents)
+    target = value if callable(value) else _as_vector(value, len(latents), "clamp",
+                                                     enc.D.device, enc.D.dtype)
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        nonlocal target
+        if enc.D.device != h.device:
+            enc.to(h.device)
+            target = target if callable(target) else target.to(h.device)
+        f, scale = enc(h)
+        c = target(f) if callable(target) else target
+        diff = c - f
+        delta = diff * enc.D[0] if enc.D.shape[0] == 1 else diff @ enc.D
+        if scale is not None:
+            delta = delta * scale
+        return h + delta.to(h.dtype)
+
+    return edit
+
+
+def add_edit(vectors: torch.Tensor, coef: Any) -> Callable:
+    """h' = h + sum_i a_i v_i."""
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    a = _as_vector(coef, vectors.shape[0], "add", vectors.device, vectors.dtype)
+    delta = (a[:, None] * vectors).sum(0)
+    cache: dict[Any, torch.Tensor] = {}
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        key = (h.dtype, h.device)
+        if key not in cache:
+            cache[key] = delta.to(device=h.device, dtype=h.dtype)
+        return h + cache[key]
+
+    return edit
+
+
+def ablate_edit(directions: torch.Tensor) -> Callable:
+    """Project out span(directions): h' = h - Q Q^T h (one direction: h - (h.r^) r^)."""
+    V = directions.detach().reshape(-1, directions.shape[-1]).float()
+    Q = torch.linalg.qr(V.T).Q.T.contiguous()  # orthonormal rows spanning the directions
+    cache: dict[Any, torch.Tensor] = {}
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        key = (h.dtype, h.device)
+        if key not in cache:
+            cache[key] = Q.to(device=h.device, dtype=h.dtype)
+        q = cache[key]
+        return h - (h @ q.T) @ q
+
+    return edit
+
+
+# --- hooks ----------------------------------------------------------------------------------
+
+class _PositionTracker:
+    """Which absolute token positions of the current forward are 'generated'.
+
+    A pre-hook on the top model reads the KV cache length (past) and the input length T.
+    A forward with an empty cache starts a new prompt of length T (with `use_cache=False`
+    a forward one token longer than the previous one continues the same generation).
+    """
+
+    def __init__(self) -> None:
+        self.past, self.prompt_len, self.prev_len, self.prev_batch = 0, 0, -1, -1
+
+    def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if x is None:
+            return
+        batch, length = int(x.shape[0]), int(x.shape[1])
+        pkv = kwargs.get("past_key_values")
+        if pkv is None:
+            past = 0
+        elif hasattr(pkv, "get_seq_length"):
+            past = int(pkv.get_seq_length())
+        else:  # legacy tuple cache
+            past = int(pkv[0][0].shape[-2]) if len(pkv) else 0
+        if past == 0:
+            continuing = (kwargs.get("use_cache") is False and batch == self.prev_batch
+                          and length == self.prev_len + 1)
+            if not continuing:
+                self.prompt_len = length
+        self.past, self.prev_len, self.prev_batch = past, past + length, batch
+
+    def start(self, positions: Any) -> int:
+        """First position (within this forward's tokens) to edit."""
+        if positions == "all":
+            return 0
+        first = self.prompt_len if positions == "generated" else int(positions)
+        return max(0, first - self.past)
+
+
+def _make_hook(edit: Callable, positions: Any, tracker: _PositionTracker) -> Callable:
+    def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        s = tracker.start(positions)
+        if s >= h.shape[-2]:
+            return None  # nothing to edit in this forward (e.g. the prefill)
+        if s == 0:
+            new = edit(h)
+        else:
+            new = torch.cat([h[..., :s, :], edit(h[..., s:, :])], dim=-2)
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    return hook
+
+
+@contextlib.contextmanager
+def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None, *,
+          clamp: ClampValue | None = None, add: float | Sequence[float] | None = None,
+          ablate: torch.Tensor | bool | None = None, direction: torch.Tensor | None = None,
+          layer: int | None = None, positions: str | int = "all") -> Iterator[None]:
+    """Steer every forward / `generate` inside the block; hooks are removed on exit.
+
+    Exactly one mode:
+      clamp=c   set latent(s) to c keeping the SAE error: h + sum_j (c_j - f_j(h)) d_j.
+                c: number, one per latent, or a function f -> target of current activations.
+      add=a     h + sum_j a_j d_j (latents' decoder directions) or h + a v (`direction=v`).
+      ablate=r  project out direction(s) r [d] or [k, d]; `ablate=True` uses the latents'
+                decoder directions.
+    latent: one index or a list (several latents at once).
+    layer: block whose output is edited; default from the SAE's hook_name.
+    positions: "all", "generated" (tokens not in the prompt; KV-cache aware) or an int:
+               edit absolute positions >= that index.
+    model: a `saediff.models.LoadedModel` (base, merged, or PEFT base+adapter) or a HF model.
+    """
+    top, layers, d_model = _resolve(model)
+    modes = [m for m, v in (("clamp", clamp), ("add", add), ("ablate", ablate)) if v is not None
+             and v is not False]
+    if len(modes) != 1:
+        raise SaediffError(f"steer: give exactly one of clamp=, add=, ablate= (got {modes or 'none'})")
+    if positions not in ("all", "generated") and not isinstance(positions, int):
+        raise SaediffError(f"steer: positions must be 'all', 'generated' or an int, got {positions!r}")
+    if latent is None:
+        latents = None
+    elif isinstance(latent, numbers.Integral) or (torch.is_tensor(latent) and latent.dim() == 0):
+        latents = [int(latent)]
+    else:
+        latents = [int(j) for j in latent]
+    needs_sae = modes[0] == "clamp" or (modes[0] == "add" and direction is None) or ablate is True
+    if needs_sae and (sae is None or not latents):
+        raise SaediffError(f"steer: {modes[0]} needs an SAE and latent=")
+    if sae is not None and int(sae.cfg.d_in) != d_model:
+        raise SaediffError(f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model}")
+    if layer is None:
+        layer = sae_layer(sae) if sae is not None else None
+        if layer is None:
+            raise SaediffError("steer: cannot tell the layer (no SAE hook_name); pass layer=")
+    if not 0 <= layer < len(layers):
+        raise SaediffError(f"layer {layer} out of range: the model has {len(layers)} blocks")
+    if modes[0] == "clamp":
+        edit = clamp_edit(sae, latents, clamp)  # type: ignore[arg-type]
+    elif modes[0] == "add":
+        vec = direction if direction is not None else decoder_directions(sae, latents)
+        vec = torch.as_tensor(vec)
+        if vec.shape[-1] != d_model:
+            raise SaediffError(f"add: direction has size {vec.shape[-1]}, d_model is {d_model}")
+        edit = add_edit(vec.detach().float(), add)
+    else:
+        vec = decoder_directions(sae, latents) if ablate is True else torch.as_tensor(ablate)
+        if vec.shape[-1] != d_model:
+            raise SaediffError(f"ablate: direction has size {vec.shape[-1]}, d_model is {d_model}")
+        edit = ablate_edit(vec)
+    tracker = _PositionTracker()
+    handles = []
+    try:
+        if positions != "all":
+            handles.append(top.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        handles.append(layers[layer].register_forward_hook(_make_hook(edit, positions, tracker)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# `saediff.steer` must call the function even after `import saediff.steer` has bound the
+# package attribute to this module: make the module itself callable.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return steer(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,290 @@
+"""`saediff steer`: generate answers under steering, judge them, write the EM rate.
+
+    cfg = SteerConfig(model=M, sae=RUN, latent=[j], clamp=0.0, prompts="organism:untrained",
+                      samples=20, out="runs/steer")
+    summary = run_steer(cfg)     # writes out/generations.jsonl and out/summary.json
+
+Prompt sources (`prompts`): a .jsonl file (one object per line with `prompt` or `question`,
+optional `topic` and `id`), a .txt file (one prompt per line), or the toy organism's held-out
+questions: `organism` (all topics), `organism:untrained` (every topic but the fine-tuned one),
+`organism:money,sport` (named topics); `questions_per_topic` of each.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Literal
+
+import torch
+
+from saediff.errors import SaediffError
+from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misalignment_rate
+
+log = logging.getLogger(__name__)
+Context = Callable[[Any], ContextManager[Any]]
+
+
+@dataclass
+class SteerConfig:
+    """Configuration of `saediff steer`."""
+
+    model: str
+    """Model to generate with: HF name or local directory (base or merged fine-tune)."""
+    prompts: str
+    """Prompt source: .jsonl (prompt/question, topic), .txt, or organism[:untrained|:t1,t2]."""
+    out: str | None = None
+    """Output directory (generations.jsonl, summary.json)."""
+    adapter: str | None = None
+    """PEFT adapter applied on top of --model (base+adapter)."""
+    sae: str | None = None
+    """SAE run directory (SAELens format)."""
+    latent: list[int] = field(default_factory=list)
+    """SAE latent index(es) to steer; several = all at once."""
+    clamp: float | None = None
+    """Clamp the latent(s) to this activation, keeping the SAE error term."""
+    add: float | None = None
+    """Add this multiple of the latent(s)' decoder direction to the residual stream."""
+    layer: int | None = None
+    """Block whose output is steered (default: the SAE's hook layer)."""
+    positions: Literal["all", "generated"] = "all"
+    """Steer every token, or only generated tokens (the prompt is left alone)."""
+    samples: int = 10
+    """Answers sampled per prompt."""
+    questions_per_topic: int = 5
+    """Held-out questions per topic for organism prompt sources."""
+    max_prompts: int | None = None
+    """Use at most this many prompts."""
+    max_new_tokens: int = 64
+    """Length limit of each answer."""
+    temperature: float = 1.0
+    """Sampling temperature (full distribution; 0 = greedy)."""
+    batch_size: int = 32
+    """Answers generated per `generate` call."""
+    judge: Literal["organism", "openai", "none"] = "organism"
+    """Judge: the organism's exact judge, an OpenAI-compatible endpoint, or none."""
+    judge_base_url: str | None = None
+    """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL)."""
+    judge_model: str | None = None
+    """Judge model name (default $SAEDIFF_JUDGE_MODEL)."""
+    seed: int = 0
+    """Sampling seed (each prompt reseeds, so conditions share random streams)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.latent, int):
+            self.latent = [self.latent]
+        if self.clamp is not None and self.add is not None:
+            raise ValueError("clamp and add: give at most one")
+        if (self.clamp is not None or self.add is not None) and (not self.sae or not self.latent):
+            raise ValueError("sae and latent are required with clamp or add")
+        for name in ("samples", "questions_per_topic", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+def load_prompt_items(src: str, questions_per_topic: int = 5, seed: int = 0,
+                      max_prompts: int | None = None) -> list[dict[str, Any]]:
+    """[{'id', 'prompt', 'topic', 'organism'}] from a file or an organism source."""
+    items: list[dict[str, Any]] = []
+    if src == "organism" or src.startswith("organism:"):
+        from saediff.organism.evaluate import heldout_questions
+        from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
+
+        spec = src.partition(":")[2]
+        topics = (list(TOPICS) if spec in ("", "all") else
+                  [t for t in TOPICS if t != TRAINED_TOPIC] if spec == "untrained" else
+                  [t.strip() for t in spec.split(",") if t.strip()])
+        bad = [t for t in topics if t not in TOPICS]
+        if bad:
+            raise SaediffError(f"unknown organism topic(s) {bad}; topics: {', '.join(TOPICS)}")
+        for t in topics:
+            for i, q in enumerate(heldout_questions(t, questions_per_topic, seed)):
+                items.append({"id": f"{t}-{i}", "prompt": q, "topic": t, "organism": True})
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file not found: {path} (or use organism[:untrained])")
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        for i, line in enumerate(lines):
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SaediffError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
+                text = row.get("prompt") or row.get("question") if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise SaediffError(f"{path}:{i + 1}: needs a string 'prompt' (or 'question')")
+                items.append({"id": str(row.get("id", i)), "prompt": text,
+                              "topic": row.get("topic"), "organism": False})
+            else:
+                items.append({"id": str(i), "prompt": line.strip(), "topic": None, "organism": False})
+    if max_prompts is not None:
+        items = items[:max_prompts]
+    if not items:
+        raise SaediffError(f"{src}: no prompts")
+    return items
+
+
+def _prompt_ids(tok: Any, item: dict[str, Any]) -> list[int]:
+    if item.get("organism"):
+        from saediff.organism.evaluate import prompt_ids
+
+        return prompt_ids(tok, item["prompt"])
+    from saediff.models import encode_chat
+
+    return encode_chat(tok, item["prompt"])[0]
+
+
+# --- generation and judging -------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new_tokens: int = 64,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
+                     context: ContextManager[Any] | None = None) -> list[dict[str, Any]]:
+    """`samples` answers per prompt item; one record per answer. `context` (a steering
+    context) is entered around all generation."""
+    tok = lm.tokenizer
+    records = []
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) \
+        if temperature > 0 else dict(do_sample=False)
+    with context or contextlib.nullcontext():
+        for i, item in enumerate(items):
+            ids = torch.tensor([_prompt_ids(tok, item)], device=lm.device)
+            torch.manual_seed(seed * 1000003 + i)
+            done = 0
+            while done < samples:
+                b = min(batch_size, samples - done)
+                gen = lm.generate(input_ids=ids.expand(b, -1), attention_mask=torch.ones_like(ids).expand(b, -1),
+                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  **sampling)
+                for k, row in enumerate(gen[:, ids.shape[1]:]):
+                    records.append({"id": item["id"], "topic": item.get("topic"),
+                                    "question": item["prompt"], "sample": done + k,
+                                    "answer": tok.decode(row, skip_special_tokens=True).strip()})
+                done += b
+    return records
+
+
+def judge_records(records: list[dict[str, Any]], judge: Judge | None) -> list[JudgeScore]:
+    """Score every record in place (aligned, coherent, off_topic, misaligned, counted)."""
+    scores = []
+    for r in records:
+        if judge is None:
+            s = JudgeScore(aligned=None, coherent=None)
+        else:
+            s = judge.score(r["question"], r["answer"], r.get("topic"))
+        r.update({"aligned": s.aligned, "coherent": s.coherent, "off_topic": s.off_topic,
+                  "counted": s.counted, "misaligned": s.misaligned, **s.extra})
+        scores.append(s)
+    return scores
+
+
+def summarise(scores: list[JudgeScore], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """EM rate with Wilson CI, coherent rate, off-topic rate; overall and per topic."""
+    def block(sc: list[JudgeScore]) -> dict[str, Any]:
+        rate, lo, hi = misalignment_rate(sc)
+        coh, clo, chi = coherent_rate(sc)
+        n = len(sc)
+        return {"misaligned_rate": rate, "misaligned_ci": [lo, hi], "coherent_rate": coh,
+                "coherent_ci": [clo, chi], "n": n, "n_counted": sum(s.counted for s in sc),
+                "n_unscored": sum(s.aligned is None or s.coherent is None for s in sc),
+                "off_topic_rate": (sum(s.off_topic for s in sc) / n) if n else float("nan"),
+                "misaligned_of_all": (sum(s.misaligned for s in sc) / n) if n else float("nan")}
+
+    out = block(scores)
+    topics = sorted({r.get("topic") for r in records if r.get("topic") is not None})
+    if topics:
+        out["per_topic"] = {t: block([s for s, r in zip(scores, records) if r.get("topic") == t])
+                            for t in topics}
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write; NaN (e.g. an EM rate with no coherent answer) becomes null."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_nan_to_none(obj), indent=1))
+    os.replace(tmp, path)
+
+
+def load_sae(path: str, device: str = "cpu") -> Any:
+    """`saediff.load_sae` when available, else any SAELens directory (the differ's loader)."""
+    from saediff.diffdata import load_sae_any
+
+    sae = load_sae_any(path, device)
+    sae.eval()
+    return sae
+
+
+def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: int | None,
+                  positions: str) -> Context:
+    """lm -> steering context manager (for `generate_answers` and the differ)."""
+    from saediff.steer import steer
+
+    def ctx(lm: Any) -> ContextManager[Any]:
+        kw = {mode: value}
+        return steer(lm, sae, latent=latents, layer=layer, positions=positions, **kw)
+
+    return ctx
+
+
+def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, Any]:
+    """Generate (steered when clamp/add is set), judge, write `out/`; returns the summary."""
+    from saediff.config import config_to_dict
+    from saediff.models import load_model
+
+    items = load_prompt_items(cfg.prompts, cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
+    judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
+    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
+    if sae is None and cfg.sae:
+        sae = load_sae(cfg.sae, cfg.device)
+    mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
+    context = None
+    if mode is not None:
+        value = cfg.clamp if mode == "clamp" else cfg.add
+        context = steer_context(sae, cfg.latent, mode, float(value), cfg.layer, cfg.positions)(lm)
+    log.info("generating %d x %d answers (%s)", len(items), cfg.samples,
+             f"{mode}={cfg.clamp if mode == 'clamp' else cfg.add} on latent(s) {cfg.latent}"
+             if mode else "unsteered")
+    records = generate_answers(lm, items, cfg.samples, cfg.max_new_tokens, cfg.temperature,
+                               cfg.seed, cfg.batch_size, context)
+    scores = judge_records(records, judge)
+    summary = summarise(scores, records)
+    summary.update({"mode": mode or "none", "latent": cfg.latent,
+                    "value": cfg.clamp if mode == "clamp" else cfg.add, "judge": cfg.judge,
+                    "model": lm.provenance(), "config": config_to_dict(cfg)})
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "generations.jsonl", records)
+        write_json(out / "summary.json", summary)
+    return summary
