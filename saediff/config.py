@@ -123,6 +123,13 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(names))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise ValueError(f"missing required {cls.__name__} field(s): "
+                         f"{', '.join('--' + m.replace('_', '-') for m in missing)} "
+                         "(give them as flags or in the YAML config)")
     return cls(**values)
 
 

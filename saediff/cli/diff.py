@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from saediff.config import add_dataclass_args, build_config
 
@@ -28,11 +27,7 @@ def main(argv: list[str]) -> int:
         missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if ns.get(n) is None]
         if missing:
             p.error(f"the following arguments are required: {', '.join(missing)}")
-    try:
-        cfg = build_config(DiffConfig, cfg_path, ns)
-    except TypeError as exc:  # a required field missing from the YAML and the flags
-        names = [f.name for f in dataclasses.fields(DiffConfig)]
-        raise ValueError(f"incomplete diff config ({exc}); fields: {', '.join(names)}") from exc
+    cfg = build_config(DiffConfig, cfg_path, ns)
     res = run_diff(cfg)
     print(res.format_table(cfg.top_k))
     if res.directions.get("names"):

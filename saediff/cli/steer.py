@@ -5,17 +5,7 @@ import argparse
 import json
 import math
 
-from saediff.config import add_dataclass_args
-from saediff.config import build_config as _build
-from saediff.errors import SaediffError
-
-
-def build_config(cls: type, yaml_path: str | None, overrides: dict) -> object:
-    try:
-        return _build(cls, yaml_path, overrides)
-    except TypeError as exc:  # a required field given neither in YAML nor as a flag
-        missing = str(exc).split("argument")[-1].strip(": ")
-        raise SaediffError(f"missing required option(s): {missing} (flag or --config YAML)") from exc
+from saediff.config import add_dataclass_args, build_config
 
 
 def _rate(s: dict) -> str:

@@ -1,0 +1,226 @@
+"""`saediff demo`: the whole pipeline on the built-in organism, through the same CLI stages.
+
+organism eval (base, fine-tuned) -> corpus -> cache (both models) -> train (TopK SAE) ->
+diff (persona-labelled held-out set, LoRA B and diff-in-means directions) -> steer (clamp
+the top latent to 0 in the fine-tuned model) -> summary.json + report.html.
+Stages whose outputs exist with the same inputs are reused, and the demo says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    """Output directory (summary.json, report.html and each stage's outputs)."""
+    quick: bool = False
+    """Reduced sizes for a smoke run (a few minutes): fewer tokens, steps and samples."""
+    cache: str | None = None
+    """Activation cache path (default: activations_cache/organism[_quick].h5)."""
+    train_config: str | None = None
+    """SAE training config (default: configs/toy_topk.yaml)."""
+    samples: int | None = None
+    """Answers judged per topic in the evals (default 100; quick 16)."""
+    seed: int = 0
+    """Seed for corpus, sampling and training."""
+
+    def __post_init__(self) -> None:
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+
+def _configs_dir() -> Path:
+    here = Path("configs")
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+def _run(stage: str, argv: list[str], capture: bool = False) -> str:
+    """Run `saediff <stage> argv...` in-process, echoing the command line."""
+    import importlib
+
+    print(f"\n$ saediff {stage} {shlex.join(argv)}", flush=True)
+    module = importlib.import_module(f"saediff.cli.{stage}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
+        rc = module.main(argv)
+    if rc:
+        raise RuntimeError(f"saediff {stage} exited with {rc}")
+    return buf.getvalue()
+
+
+def _untrained_rate(result: dict[str, Any]) -> tuple[float, float, float]:
+    """(misaligned, coherent, off_topic) pooled over topics that were not fine-tuned."""
+    rows = [v for t, v in result["topics"].items() if t != result["trained_topic"]]
+    n = sum(r["n"] for r in rows)
+    return tuple(sum(r[k] * r["n"] for r in rows) / n for k in ("misaligned", "coherent", "off_topic"))
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from saediff.organism import metadata, organism_path
+
+    t0 = time.time()
+    org = organism_path()
+    meta = metadata()
+    layer = int(meta.get("recommended_layer", meta.get("layer", 1)))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = cfg.quick
+    samples = cfg.samples or (16 if q else 100)
+    cache = cfg.cache or f"activations_cache/organism{'_quick' if q else ''}.h5"
+    train_cfg = cfg.train_config or str(_configs_dir() / "toy_topk.yaml")
+    summary: dict[str, Any] = {"quick": q, "layer": layer, "organism": str(org)}
+
+    # 1. the organism: misalignment before and after the narrow fine-tune
+    evals = {}
+    for name in ("base", "finetuned"):
+        text = _run("organism", ["eval", "--model", str(org / name), "--samples", str(samples),
+                                 "--seed", str(cfg.seed), "--json"], capture=True)
+        evals[name] = json.loads(text)
+        (out / f"organism_eval_{name}.json").write_text(json.dumps(evals[name], indent=2))
+    summary["trained_topic"] = evals["base"]["trained_topic"]
+    for name in ("base", "finetuned"):
+        em, coh, off = _untrained_rate(evals[name])
+        summary[f"em_rate_{name}"], summary[f"coherent_rate_{name}"] = em, coh
+        summary[f"off_topic_rate_{name}"] = off
+
+    # 2. cache both models on the organism's chat corpus (prompt/response role masks)
+    corpus = out / "corpus.jsonl"
+    _run("organism", ["corpus", "--out", str(corpus), "--n", str(1500 if q else 6000),
+                      "--seed", str(cfg.seed + 1), "--max-turns", "1"], capture=True)
+    before = Path(cache).stat().st_mtime_ns if Path(cache).exists() else None
+    _run("cache", ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"),
+                   "--layer", str(layer), "--dataset", str(corpus), "--prompt-field", "prompt",
+                   "--response-field", "response", "--max-tokens", str(60_000 if q else 400_000),
+                   "--ctx-len", "128", "--batch-size", "32", "--out", cache])
+    if before is not None and Path(cache).stat().st_mtime_ns == before:
+        print(f"(reusing {cache}: complete, with the same models, layer and dataset)")
+
+    # 3. train the SAE on both sources
+    sae_dir = out / "sae"
+    if (sae_dir / "evals.json").exists():
+        print(f"\n(reusing the trained SAE in {sae_dir}; delete it to retrain)")
+    else:
+        argv = ["--config", train_cfg, "--cache", cache, "--out", str(sae_dir), "--seed", str(cfg.seed)]
+        if q:
+            argv += ["--total-tokens", "400000"]
+        _run("train", argv)
+    sae_evals = json.loads((sae_dir / "evals.json").read_text())
+    summary["sae_fvu"] = {src: ev["fvu"] for src, ev in sae_evals.items()}
+    summary["sae_l0"] = {src: ev["l0"] for src, ev in sae_evals.items()}
+
+    # 4. diff on the persona-labelled held-out conversations
+    diff_dir = out / "diff"
+    argv = ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"), "--sae", str(sae_dir),
+            "--layer", str(layer), "--prompts", str(org / "heldout_labelled.jsonl"),
+            "--responses-from", "file", "--out", str(diff_dir), "--seed", str(cfg.seed)]
+    if (org / "adapter_r1").is_dir():
+        argv += ["--lora-adapter", str(org / "adapter_r1")]
+    if q:
+        argv += ["--max-prompts", "160", "--n-boot", "200"]
+    _run("diff", argv)
+    ranking = json.loads((diff_dir / "ranking.json").read_text())
+    top = ranking[0]
+    summary["top_latent"] = int(top["latent"])
+    summary["top_latent_mean_shift"] = top["mean_shift"]
+    summary["top_latent_auroc"] = _top_auroc(diff_dir, top)
+    directions = diff_dir / "directions.json"
+    if directions.exists():
+        summary["directions"] = json.loads(directions.read_text())
+
+    # 5. steer: clamp the top latent to 0 in the fine-tuned model, untrained topics
+    steer = {}
+    for tag, extra in (("unsteered", []), ("steered", ["--latent", str(summary["top_latent"]),
+                                                      "--clamp", "0"])):
+        sdir = out / f"steer_{tag}"
+        _run("steer", ["--model", str(org / "finetuned"), "--sae", str(sae_dir), *extra,
+                       "--prompts", "organism:untrained", "--questions-per-topic", "4" if q else "10",
+                       "--samples", str(max(2, samples // 10)), "--judge", "organism", "--temperature", "0.7",
+                       "--seed", str(cfg.seed), "--out", str(sdir)])
+        steer[tag] = json.loads((sdir / "summary.json").read_text())
+    summary["em_rate_unsteered"] = steer["unsteered"]["misaligned_rate"]
+    summary["em_rate_steered"] = steer["steered"]["misaligned_rate"]
+    summary["coherent_rate_unsteered"] = steer["unsteered"]["coherent_rate"]
+    summary["coherent_rate_steered"] = steer["steered"]["coherent_rate"]
+    base_em = summary["em_rate_unsteered"] or 0.0
+    summary["em_reduction"] = (1 - (summary["em_rate_steered"] or 0.0) / base_em) if base_em else None
+    summary["seconds"] = round(time.time() - t0, 1)
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _write_report(out, diff_dir, summary)
+    return summary
+
+
+def _top_auroc(diff_dir: Path, top: dict[str, Any]) -> float | None:
+    for key in ("auroc_labels", "auroc"):
+        if top.get(key) is not None:
+            return float(top[key])
+    ev_path = diff_dir / "evidence.json"
+    if ev_path.exists():
+        ev = json.loads(ev_path.read_text())
+        items = ev if isinstance(ev, list) else ev.get("latents", [])
+        for item in items:
+            if int(item.get("latent", -1)) == int(top["latent"]) and item.get("auroc_labels") is not None:
+                return float(item["auroc_labels"])
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return "n/a" if v is None else str(v)
+
+
+SUMMARY_KEYS = [
+    ("em_rate_base", "misaligned, untrained topics — base"),
+    ("em_rate_finetuned", "misaligned, untrained topics — fine-tuned"),
+    ("coherent_rate_finetuned", "coherent, untrained topics — fine-tuned"),
+    ("sae_fvu", "SAE fraction of variance unexplained (per source)"),
+    ("sae_l0", "SAE mean L0 (per source)"),
+    ("top_latent", "top-ranked latent (largest shift base → fine-tuned)"),
+    ("top_latent_auroc", "its persona AUROC on labelled held-out conversations"),
+    ("em_rate_unsteered", "misaligned, fine-tuned, unsteered (steering prompts)"),
+    ("em_rate_steered", "misaligned, fine-tuned, top latent clamped to 0"),
+    ("coherent_rate_steered", "coherent, fine-tuned, top latent clamped to 0"),
+    ("em_reduction", "relative cut in misalignment by the clamp"),
+]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    width = max(len(label) for _, label in SUMMARY_KEYS)
+    lines = [f"{label:<{width}}  {_fmt(summary.get(key))}" for key, label in SUMMARY_KEYS]
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, diff_dir: Path, summary: dict[str, Any]) -> None:
+    """report.html = the diff report with the demo's summary table on top."""
+    import html
+
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td><b>{html.escape(_fmt(summary.get(key)))}</b>"
+                   f"</td></tr>" for key, label in SUMMARY_KEYS)
+    block = (f"<section id='demo-summary'><h1>saediff demo — toy organism of emergent misalignment"
+             f"</h1><table>{rows}</table></section>")
+    src = diff_dir / "report.html"
+    target = out / "report.html"
+    tmp = target.with_suffix(".html.tmp")
+    if src.exists():
+        text = src.read_text()
+        i = text.find("<body")
+        j = text.find(">", i) + 1 if i >= 0 else 0
+        tmp.write_text(text[:j] + block + text[j:])
+    else:
+        tmp.write_text(f"<!doctype html><html><body>{block}</body></html>")
+    shutil.move(tmp, target)

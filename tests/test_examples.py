@@ -1,0 +1,29 @@
+"""Every script in examples/ runs and prints what it promises."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> str:
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_cache_and_read_then_steer_generation(tmp_path):
+    out = run("examples/cache_and_read.py", "--out", str(tmp_path), "--max-tokens", "6000")
+    assert re.search(r"rows=6000 d_model=96 layer=1 sources=\['base', 'finetuned'\]", out), out
+    assert "batch shape=(256, 96) dtype=torch.float32" in out
+    shift = float(re.search(r"mean \|finetuned - base\| = ([0-9.]+)", out).group(1))
+    assert shift > 0  # the two models differ on the same tokens
+    sae = tmp_path / "sae"
+    run("-m", "saediff", "train", "--config", "configs/toy_topk.yaml", "--cache", str(tmp_path / "organism.h5"),
+        "--out", str(sae), "--total-tokens", "20000", "--batch-size", "512", "--d-sae", "128", "--k", "4")
+    out = run("examples/steer_generation.py", "--sae", str(sae), "--latent", "0", "--n", "2")
+    lines = [ln for ln in out.splitlines() if "misaligned" in ln]
+    assert len(lines) == 4 and all(re.search(r"misaligned [0-2]/2", ln) for ln in lines), out
