@@ -208,9 +208,18 @@ _COMPARED = ("layer", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint",
              "models", "dataset", "d_model")
 
 
+def _comparable(prov: dict[str, Any]) -> dict[str, str]:
+    out = {k: prov.get(k) for k in _COMPARED}
+    ds = dict(out["dataset"] or {})
+    if "sha256" in ds:  # a local file is identified by its content, not where it lies
+        ds.pop("source", None)
+    out["dataset"] = ds
+    return {k: json.dumps(v, sort_keys=True) for k, v in out.items()}
+
+
 def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in _COMPARED if json.dumps(old.get(k), sort_keys=True)
-            != json.dumps(new.get(k), sort_keys=True)]
+    a, b = _comparable(old), _comparable(new)
+    return [k for k in _COMPARED if a[k] != b[k]]
 
 
 def _create(path: Path, prov: dict[str, Any]) -> h5py.File:

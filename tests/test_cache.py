@@ -313,3 +313,16 @@ def test_cli_info_json_and_verify(pair_cache):
     bad = subprocess.run([sys.executable, "-m", "saediff", "cache", "info", "/nonexistent.h5"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_same_content_elsewhere_reuses_cache(tmp_path, tiny_qwen, data):
+    out = tmp_path / "c.h5"
+    build_cache(CacheConfig(base=str(tiny_qwen), layer=1, dataset=str(data), out=str(out), max_tokens=60))
+    stamp = out.stat().st_mtime_ns
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(data.read_bytes())
+    build_cache(CacheConfig(base=str(tiny_qwen), layer=1, dataset=str(moved), out=str(out), max_tokens=60))
+    assert out.stat().st_mtime_ns == stamp  # same content = same provenance: nothing redone
+    moved.write_text(data.read_text().replace("bread", "water"))
+    with pytest.raises(SaediffError, match="different provenance .*dataset"):
+        build_cache(CacheConfig(base=str(tiny_qwen), layer=1, dataset=str(moved), out=str(out), max_tokens=60))
