@@ -109,15 +109,22 @@ class LoadedModel:
                                f"blocks (valid --layer 0..{self.n_layers - 1})")
 
     def fingerprint(self) -> str:
-        """Cheap content hash of all weights (shapes, dtypes, a strided sample, sums)."""
+        """Content hash of all weights: shapes, dtypes, a strided sample, and an exact checksum.
+
+        The checksum sums the raw bits as integers: exact and independent of summation order
+        (a float sum's last digits change with the thread count), and any single edited
+        element changes it.
+        """
         if self._fingerprint is None:
             h = hashlib.sha256()
+            ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
             with torch.no_grad():
                 for name, p in sorted(self.model.state_dict().items()):
-                    flat = p.detach().reshape(-1).float()
+                    flat = p.detach().contiguous().reshape(-1)
+                    bits = flat.view(ints[flat.element_size()]).sum(dtype=torch.int64).item()
                     step = max(1, flat.numel() // 4096)
-                    h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{flat.sum().item():.8e}".encode())
-                    h.update(flat[::step].cpu().numpy().tobytes())
+                    h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{bits}".encode())
+                    h.update(flat[::step].float().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -326,3 +326,20 @@ def test_same_content_elsewhere_reuses_cache(tmp_path, tiny_qwen, data):
     moved.write_text(data.read_text().replace("bread", "water"))
     with pytest.raises(SaediffError, match="different provenance .*dataset"):
         build_cache(CacheConfig(base=str(tiny_qwen), layer=1, dataset=str(moved), out=str(out), max_tokens=60))
+
+
+def test_fingerprint_is_exact_and_thread_independent(tiny_qwen):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = load_model(tiny_qwen).fingerprint()
+        torch.set_num_threads(2)
+        two = load_model(tiny_qwen).fingerprint()
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    lm = load_model(tiny_qwen)
+    with torch.no_grad():  # one element, one ulp: still a different model
+        w = lm.model.model.layers[0].mlp.down_proj.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1e9))
+    assert lm.fingerprint() != one
