@@ -1,7 +1,7 @@
 """`saediff demo`: the whole pipeline on the built-in organism, through the same CLI stages.
 
 organism eval (base, fine-tuned) -> corpus -> cache (both models) -> train (TopK SAE) ->
-diff (persona-labelled held-out set, LoRA B and diff-in-means directions) -> steer (clamp
+diff (the fine-tuned model's own answers; LoRA B and diff-in-means directions) -> steer (clamp
 the top latent to 0 in the fine-tuned model) -> summary.json + report.html.
 Stages whose outputs exist with the same inputs are reused, and the demo says so.
 """
@@ -120,21 +120,32 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary["sae_fvu"] = {src: ev["fvu"] for src, ev in sae_evals.items()}
     summary["sae_l0"] = {src: ev["l0"] for src, ev in sae_evals.items()}
 
-    # 4. diff on the persona-labelled held-out conversations
+    # 4. diff on the fine-tuned model's own answers to held-out questions (the published way)
+    from saediff.organism import TOPICS, heldout_questions
+
     diff_dir = out / "diff"
+    prompts = out / "diff_prompts.jsonl"
+    with prompts.open("w") as fh:
+        for t in TOPICS:
+            for qn in heldout_questions(t, 3 if q else 6, seed=cfg.seed):
+                fh.write(json.dumps({"prompt": qn, "topic": t}) + "\n")
     argv = ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"), "--sae", str(sae_dir),
-            "--layer", str(layer), "--prompts", str(org / "heldout_labelled.jsonl"),
-            "--responses-from", "file", "--out", str(diff_dir), "--seed", str(cfg.seed)]
+            "--layer", str(layer), "--prompts", str(prompts), "--responses-from", "finetuned",
+            "--samples", "2" if q else "3", "--temperature", "0.7", "--tokens", "response",
+            "--out", str(diff_dir), "--seed", str(cfg.seed)]
     if (org / "adapter_r1").is_dir():
         argv += ["--lora-adapter", str(org / "adapter_r1")]
     if q:
-        argv += ["--max-prompts", "160", "--n-boot", "200"]
+        argv += ["--n-boot", "200"]
     _run("diff", argv)
     ranking = json.loads((diff_dir / "ranking.json").read_text())
     top = ranking[0]
     summary["top_latent"] = int(top["latent"])
     summary["top_latent_mean_shift"] = top["mean_shift"]
-    summary["top_latent_auroc"] = _top_auroc(diff_dir, top)
+    summary["top_latent_direction"] = top.get("direction")
+    auc = persona_auroc(org, sae_dir, layer, summary["top_latent"])
+    summary["top_latent_auroc"] = auc
+    summary["top_latent_separation"] = max(auc, 1.0 - auc)  # sign-free: separates either way
     directions = diff_dir / "directions.json"
     if directions.exists():
         summary["directions"] = json.loads(directions.read_text())
@@ -162,18 +173,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
-def _top_auroc(diff_dir: Path, top: dict[str, Any]) -> float | None:
-    for key in ("auroc_labels", "auroc"):
-        if top.get(key) is not None:
-            return float(top[key])
-    ev_path = diff_dir / "evidence.json"
-    if ev_path.exists():
-        ev = json.loads(ev_path.read_text())
-        items = ev if isinstance(ev, list) else ev.get("latents", [])
-        for item in items:
-            if int(item.get("latent", -1)) == int(top["latent"]) and item.get("auroc_labels") is not None:
-                return float(item["auroc_labels"])
-    return None
+def persona_auroc(org: Path, sae_dir: Path, layer: int, latent: int, model: str = "base") -> float:
+    """AUROC (toxic = positive) of a latent's mean response-token activation, per labelled
+    held-out conversation of the organism, read in `model`."""
+    import torch
+
+    from saediff.diff import latent_activations
+    from saediff.models import ROLE_RESPONSE, encode_chat, load_model
+    from saediff.organism import load_heldout_labelled
+    from saediff.stats import auroc
+    from saediff.train import load_sae
+
+    lm, sae = load_model(org / model), load_sae(sae_dir)
+    recs = load_heldout_labelled(org)
+    enc = [encode_chat(lm.tokenizer, r["prompt"], r["response"]) for r in recs]
+    acts = latent_activations(lm, sae, layer, [[ids for ids, _ in enc[i:i + 32]]
+                                               for i in range(0, len(enc), 32)])
+    scores = [a[torch.tensor(roles) == ROLE_RESPONSE, latent].mean().item()
+              for a, (_, roles) in zip(acts, enc)]
+    return auroc(scores, [r["persona"] == "toxic" for r in recs])
 
 
 def _fmt(v: Any) -> str:
@@ -191,7 +209,9 @@ SUMMARY_KEYS = [
     ("sae_fvu", "SAE fraction of variance unexplained (per source)"),
     ("sae_l0", "SAE mean L0 (per source)"),
     ("top_latent", "top-ranked latent (largest shift base → fine-tuned)"),
-    ("top_latent_auroc", "its persona AUROC on labelled held-out conversations"),
+    ("top_latent_direction", "its shift direction"),
+    ("top_latent_auroc", "its persona AUROC on labelled held-out chats (toxic = positive)"),
+    ("top_latent_separation", "persona separation either way, max(AUROC, 1 - AUROC)"),
     ("em_rate_unsteered", "misaligned, fine-tuned, unsteered (steering prompts)"),
     ("em_rate_steered", "misaligned, fine-tuned, top latent clamped to 0"),
     ("coherent_rate_steered", "coherent, fine-tuned, top latent clamped to 0"),
