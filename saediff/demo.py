@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def _configs_dir() -> Path:
     return here if here.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
-def _run(stage: str, argv: list[str], capture: bool = False) -> str:
+def _run(stage: str, argv: list[str], echo: Callable[[str], None], capture: bool = False) -> str:
     """Run `saediff <stage> argv...` in-process, echoing the command line."""
     import importlib
 
-    print(f"\n$ saediff {stage} {shlex.join(argv)}", flush=True)
+    echo(f"\n$ saediff {stage} {shlex.join(argv)}")
     module = importlib.import_module(f"saediff.cli.{stage}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
@@ -67,9 +67,11 @@ def _untrained_rate(result: dict[str, Any]) -> tuple[float, float, float]:
     return tuple(sum(r[k] * r["n"] for r in rows) / n for k in ("misaligned", "coherent", "off_topic"))
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the pipeline; `echo` receives the commands and progress lines (default: logging)."""
     from saediff.organism import metadata, organism_path
 
+    echo = echo or log.info
     t0 = time.time()
     org = organism_path()
     meta = metadata()
@@ -85,8 +87,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 1. the organism: misalignment before and after the narrow fine-tune
     evals = {}
     for name in ("base", "finetuned"):
-        text = _run("organism", ["eval", "--model", str(org / name), "--samples", str(samples),
-                                 "--seed", str(cfg.seed), "--json"], capture=True)
+        text = _run("organism", echo=echo,
+                    argv=["eval", "--model", str(org / name), "--samples", str(samples),
+                          "--seed", str(cfg.seed), "--json"], capture=True)
         evals[name] = json.loads(text)
         (out / f"organism_eval_{name}.json").write_text(json.dumps(evals[name], indent=2))
     summary["trained_topic"] = evals["base"]["trained_topic"]
@@ -97,25 +100,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     # 2. cache both models on the organism's chat corpus (prompt/response role masks)
     corpus = out / "corpus.jsonl"
-    _run("organism", ["corpus", "--out", str(corpus), "--n", str(1500 if q else 6000),
+    _run("organism", echo=echo, argv=["corpus", "--out", str(corpus), "--n", str(1500 if q else 6000),
                       "--seed", str(cfg.seed + 1), "--max-turns", "1"], capture=True)
     before = Path(cache).stat().st_mtime_ns if Path(cache).exists() else None
-    _run("cache", ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"),
+    _run("cache", echo=echo, argv=["--base", str(org / "base"), "--finetuned", str(org / "finetuned"),
                    "--layer", str(layer), "--dataset", str(corpus), "--prompt-field", "prompt",
                    "--response-field", "response", "--max-tokens", str(60_000 if q else 400_000),
                    "--ctx-len", "128", "--batch-size", "32", "--out", cache])
     if before is not None and Path(cache).stat().st_mtime_ns == before:
-        print(f"(reusing {cache}: complete, with the same models, layer and dataset)")
+        echo(f"(reusing {cache}: complete, with the same models, layer and dataset)")
 
     # 3. train the SAE on both sources
     sae_dir = out / "sae"
     if (sae_dir / "evals.json").exists():
-        print(f"\n(reusing the trained SAE in {sae_dir}; delete it to retrain)")
+        echo(f"\n(reusing the trained SAE in {sae_dir}; delete it to retrain)")
     else:
         argv = ["--config", train_cfg, "--cache", cache, "--out", str(sae_dir), "--seed", str(cfg.seed)]
         if q:
             argv += ["--total-tokens", "400000"]
-        _run("train", argv)
+        _run("train", echo=echo, argv=argv)
     sae_evals = json.loads((sae_dir / "evals.json").read_text())
     summary["sae_fvu"] = {src: ev["fvu"] for src, ev in sae_evals.items()}
     summary["sae_l0"] = {src: ev["l0"] for src, ev in sae_evals.items()}
@@ -137,7 +140,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         argv += ["--lora-adapter", str(org / "adapter_r1")]
     if q:
         argv += ["--n-boot", "200"]
-    _run("diff", argv)
+    _run("diff", echo=echo, argv=argv)
     ranking = json.loads((diff_dir / "ranking.json").read_text())
     top = ranking[0]
     summary["top_latent"] = int(top["latent"])
@@ -155,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for tag, extra in (("unsteered", []), ("steered", ["--latent", str(summary["top_latent"]),
                                                       "--clamp", "0"])):
         sdir = out / f"steer_{tag}"
-        _run("steer", ["--model", str(org / "finetuned"), "--sae", str(sae_dir), *extra,
+        _run("steer", echo=echo, argv=["--model", str(org / "finetuned"), "--sae", str(sae_dir), *extra,
                        "--prompts", "organism:untrained", "--questions-per-topic", "4" if q else "10",
                        "--samples", str(max(2, samples // 10)), "--judge", "organism", "--temperature", "0.7",
                        "--seed", str(cfg.seed), "--out", str(sdir)])

@@ -12,7 +12,7 @@ REQUIRED = ["em_rate_base", "em_rate_finetuned", "sae_fvu", "top_latent", "top_l
 
 
 @pytest.mark.slow
-def test_quick_demo_summary_and_reuse(tmp_path, capsys):
+def test_quick_demo_summary_and_reuse(tmp_path):
     out = tmp_path / "demo"
     cfg = DemoConfig(out=str(out), quick=True, cache=str(tmp_path / "organism.h5"))
     s = run_demo(cfg)
@@ -33,8 +33,8 @@ def test_quick_demo_summary_and_reuse(tmp_path, capsys):
     assert "demo-summary" in report and "plotly" in report.lower()
     # a second run reuses the cache and the SAE, and says so
     sae_mtime = (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns
-    capsys.readouterr()
-    run_demo(cfg)
-    said = capsys.readouterr().out
+    lines: list[str] = []
+    run_demo(cfg, echo=lines.append)
+    said = "\n".join(lines)
     assert "reusing the trained SAE" in said and "reusing " + cfg.cache in said
     assert (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="saediff demo", description=__doc__)
     add_dataclass_args(p, DemoConfig)
     cfg = DemoConfig(**vars(p.parse_args(argv)))
-    summary = run_demo(cfg)
+    summary = run_demo(cfg, echo=lambda line: print(line, flush=True))
     print("\n=== saediff demo summary ===")
     print(format_summary(summary))
     print(f"\nwritten: {cfg.out}/summary.json, {cfg.out}/report.html  ({summary['seconds']:.0f} s)")
