@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(argv[1:]) or 0)
+    except BrokenPipeError:  # e.g. `saediff cache info F | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (ValueError, FileNotFoundError, KeyError, FileExistsError, RuntimeError) as exc:
         # SaediffError is a ValueError: bad input gets one line, no traceback.
         print(f"saediff {name}: error: {exc}", file=sys.stderr)
