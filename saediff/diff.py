@@ -24,11 +24,11 @@ import torch
 
 from saediff import directions as dirs
 from saediff.diffdata import (DiffConfig, Example, Labeler, ModelContext, Side, build_examples, check_sae,
-                              encode_sides, load_prompts, load_sae_any, sample_responses,
-                              selected_roles)
+                              encode_sides, load_prompts, sample_responses, selected_roles)
 from saediff.errors import SaediffError
 from saediff.models import LoadedModel, check_same_tokenizer, load_model, pad_batch, run_to_layer
 from saediff.stats import bootstrap_mean_ci, group_sums
+from saediff.train import load_sae
 
 log = logging.getLogger(__name__)
 TABLE_FIELDS = ("rank", "latent", "mean_shift", "ci_low", "ci_high", "direction", "mean_base",
@@ -189,7 +189,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     from saediff.evidence import collect_evidence
 
     rows = load_prompts(cfg.prompts, cfg)
-    sae = load_sae_any(cfg.sae, cfg.device)
+    sae = load_sae(cfg.sae, cfg.device)
     sae.eval()
     base = load_model(cfg.base, cfg.base_adapter, device=cfg.device)
     check_sae(sae, base, cfg.layer)

@@ -127,30 +127,6 @@ class DiffConfig:
 
 # --- SAE -----------------------------------------------------------------------------------
 
-def load_sae_any(run_dir: str | Path, device: str = "cpu") -> Any:
-    """`saediff.load_sae` when available, else any SAELens directory (searched one level down)."""
-    path = Path(run_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"SAE run directory not found: {path}")
-    try:
-        from saediff.train import load_sae  # type: ignore[attr-defined]
-    except ImportError:
-        load_sae = None
-    if load_sae is not None:
-        try:
-            return load_sae(path, device=device)
-        except TypeError:
-            return load_sae(path).to(device)
-    from sae_lens import SAE
-
-    if not (path / "cfg.json").is_file():
-        found = sorted(p.parent for p in path.glob("*/cfg.json"))
-        if not found:
-            raise FileNotFoundError(f"{path}: no SAELens cfg.json here or one level below")
-        path = found[-1]
-    return SAE.load_from_disk(str(path), device=device)
-
-
 def sae_layer(sae: Any) -> tuple[int | None, str | None]:
     """(layer whose residual output the SAE reads, hook name) from the SAE's metadata."""
     meta = getattr(sae.cfg, "metadata", None)

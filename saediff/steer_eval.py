@@ -236,15 +236,6 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_sae(path: str, device: str = "cpu") -> Any:
-    """`saediff.load_sae` when available, else any SAELens directory (the differ's loader)."""
-    from saediff.diffdata import load_sae_any
-
-    sae = load_sae_any(path, device)
-    sae.eval()
-    return sae
-
-
 def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: int | None,
                   positions: str) -> Context:
     """lm -> steering context manager (for `generate_answers` and the differ)."""
@@ -266,6 +257,8 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
     lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     if sae is None and cfg.sae:
+        from saediff.train import load_sae
+
         sae = load_sae(cfg.sae, cfg.device)
     mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
     context = None

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from saediff.errors import SaediffError
 from saediff.steer_eval import (SteerConfig, generate_answers, judge_records, load_prompt_items,
-                                load_sae, steer_context, summarise, write_json, write_jsonl)
+                                steer_context, summarise, write_json, write_jsonl)
+from saediff.train import load_sae
 
 log = logging.getLogger(__name__)
 

@@ -307,7 +307,7 @@ def test_trajectory_shapes_and_values(setup, tiny_qwen):
 
 def test_prompt_induced_matches_manual(setup, tiny_qwen, tmp_path):
     from saediff.models import load_model
-    from saediff.diffdata import load_sae_any
+    from saediff.train import load_sae
 
     d, prompts = setup
     sae_dir = make_sae(d / "sae_pi")
@@ -318,7 +318,7 @@ def test_prompt_induced_matches_manual(setup, tiny_qwen, tmp_path):
     res = run_diff(cfg)
     assert res.meta["prompt_induced"] and len(res.table) == 64
     # recompute the top latent's shift by hand
-    lm, sae = load_model(tiny_qwen), load_sae_any(sae_dir)
+    lm, sae = load_model(tiny_qwen), load_sae(sae_dir)
     ex = build_examples(load_prompts(prompts, cfg), cfg, None)
     sb, sf = encode_sides(lm.tokenizer, ex, cfg, selected_roles(cfg, ex))
     assert sf.ids[0][: 8] != sb.ids[0][: 8]  # the conditions differ ...
