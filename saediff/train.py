@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
-from saediff.trainer import _write_json, load_checkpoint, save_checkpoint
+from saediff.trainer import _write_json, check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+# Fields that may change between an interrupted run and its resumption (they do not change
+# what is trained); every other field must match the checkpoint's.
+RESUME_FREE = {"out", "d_in", "eval_rows", "eval_sequences", "checkpoint_every", "log_every",
+               "device", "threads"}
+
+
+def _resume_fields(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
+
+
 def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True,
           store: Any = None) -> list[Path]:
     """Train every SAE of `cfg` (resuming from `out` if it holds a checkpoint).
@@ -269,6 +279,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         _write_json(rdir / "train_config.json", config_to_dict(rcfg))
         trainers.append(_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store))
     state = load_checkpoint(root, trainers, store)
+    check_resume_config(_resume_fields(cfg), state, root)
     start = state["step"] if state else 0
     scale = state["scale"] if state else None
     if scale is None and cfg.normalize:
@@ -277,7 +288,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         tr.activation_scaler.scaling_factor = scale if cfg.normalize else None
     for rdir in run_dirs:
         _truncate_metrics(rdir / "metrics.jsonl", start)
-    extra = {"n_saes": len(trainers), "scale": scale}
+    extra = {"n_saes": len(trainers), "scale": scale, "config": _resume_fields(cfg)}
     last_ck = state and start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=None)
     step = start

@@ -248,3 +248,16 @@ def load_checkpoint(root: Path, trainers: list[Any], store: Any) -> dict[str, An
     torch.set_rng_state(load_file(d / "rng.safetensors")["torch_rng"])
     log.info("resumed from %s (step %d)", d, state["step"])
     return state
+
+
+def check_resume_config(fields: dict[str, Any], state: dict[str, Any] | None, root: Path) -> None:
+    """Refuse to resume a checkpoint written under a different training config."""
+    if not state or "config" not in state:
+        return
+    now = json.loads(json.dumps(fields))  # the JSON types of the stored copy
+    old = state["config"]
+    diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        raise SaediffError(f"{root} holds a checkpoint of a different training config ({detail}); "
+                           f"resume with the same config, or use another --out")

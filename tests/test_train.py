@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -175,6 +176,20 @@ def test_simulated_interruption_resumes_exactly(arch, tmp_path):
         train(cfg, evals=False, store=TensorStore(data, 128))
         outs.append(load_file(tmp_path / mode / "sae_weights.safetensors"))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    data = torch.randn(4000, 16) * 3
+    cfg = TrainConfig(out=str(tmp_path / "r"), d_sae=48, k=4, total_tokens=40 * 128,
+                      batch_size=128, checkpoint_every=10)
+    train(cfg, evals=False, store=TensorStore(data, 128), stop_after=15)
+    changed = dataclasses.replace(cfg, lr=1e-3)
+    with pytest.raises(SaediffError, match=r"different training config \(lr: checkpoint 0.0004"):
+        train(changed, evals=False, store=TensorStore(data, 128))
+    # fields that do not change the result (logging, checkpoint cadence) may differ
+    (run,) = train(dataclasses.replace(cfg, log_every=5, checkpoint_every=20), evals=False,
+                   store=TensorStore(data, 128))
+    assert (run / "sae_weights.safetensors").is_file()
 
 
 # --- saved format, folding ----------------------------------------------------------------------
