@@ -11,7 +11,7 @@ from pathlib import Path
 
 import saediff
 from saediff.cache import CacheConfig, build_cache
-from saediff.organism import corpus_records, organism_path
+from saediff.organism import corpus_records, metadata, organism_path
 from saediff.store import ActivationStore
 
 
@@ -27,7 +27,8 @@ def main() -> None:
         for rec in corpus_records(n=400, seed=1, max_turns=1):
             fh.write(json.dumps(rec) + "\n")
     org = organism_path()
-    cfg = CacheConfig(base=str(org / "base"), finetuned=str(org / "finetuned"), layer=1,
+    cfg = CacheConfig(base=str(org / "base"), finetuned=str(org / "finetuned"),
+                      layer=metadata()["recommended_layer"],
                       dataset=str(corpus), prompt_field="prompt", response_field="response",
                       max_tokens=args.max_tokens, ctx_len=128, out=str(out / "organism.h5"))
     path = build_cache(cfg)

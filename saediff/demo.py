@@ -2,7 +2,7 @@
 
 organism eval (base, fine-tuned) -> corpus -> cache (both models) -> train (TopK SAE) ->
 diff (the fine-tuned model's own answers; LoRA B and diff-in-means directions) -> steer (clamp
-the top latent to 0 in the fine-tuned model) -> summary.json + report.html.
+the top latent to 0 in the fine-tuned model, and up in the base) -> summary.json + report.html.
 Stages whose outputs exist with the same inputs are reused, and the demo says so.
 """
 from __future__ import annotations
@@ -35,10 +35,14 @@ class DemoConfig:
     """Answers judged per topic in the evals (default 100; quick 16)."""
     seed: int = 0
     """Seed for corpus, sampling and training."""
+    organism: str | None = None
+    """Organism directory (default: the shipped one; or one from `saediff organism build`)."""
 
     def __post_init__(self) -> None:
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.organism is not None and not (Path(self.organism) / "organism.json").is_file():
+            raise ValueError(f"organism: no organism.json in {self.organism!r}")
 
 
 def _configs_dir() -> Path:
@@ -73,14 +77,14 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
 
     echo = echo or log.info
     t0 = time.time()
-    org = organism_path()
-    meta = metadata()
+    org = Path(cfg.organism) if cfg.organism else organism_path()
+    meta = metadata(org)
     layer = int(meta.get("recommended_layer", meta.get("layer", 1)))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     q = cfg.quick
     samples = cfg.samples or (16 if q else 100)
-    cache = cfg.cache or f"activations_cache/organism{'_quick' if q else ''}.h5"
+    cache = cfg.cache or f"activations_cache/organism_l{layer}{'_quick' if q else ''}.h5"
     train_cfg = cfg.train_config or str(_configs_dir() / "toy_topk.yaml")
     summary: dict[str, Any] = {"quick": q, "layer": layer, "organism": str(org)}
 
@@ -112,13 +116,19 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
 
     # 3. train the SAE on both sources
     sae_dir = out / "sae"
-    if (sae_dir / "evals.json").exists():
+    inputs = _sae_inputs(cache, train_cfg, cfg.seed, q)
+    stamp = sae_dir / "demo_inputs.json"
+    if (sae_dir / "evals.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == inputs:
         echo(f"\n(reusing the trained SAE in {sae_dir}; delete it to retrain)")
     else:
+        if sae_dir.exists():  # trained on another cache or config: start again
+            echo(f"\n({sae_dir} was trained on other inputs; retraining)")
+            shutil.rmtree(sae_dir)
         argv = ["--config", train_cfg, "--cache", cache, "--out", str(sae_dir), "--seed", str(cfg.seed)]
         if q:
-            argv += ["--total-tokens", "400000"]
+            argv += ["--total-tokens", "1500000"]
         _run("train", echo=echo, argv=argv)
+        stamp.write_text(json.dumps(inputs, indent=1))
     sae_evals = json.loads((sae_dir / "evals.json").read_text())
     summary["sae_fvu"] = {src: ev["fvu"] for src, ev in sae_evals.items()}
     summary["sae_l0"] = {src: ev["l0"] for src, ev in sae_evals.items()}
@@ -136,8 +146,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
             "--layer", str(layer), "--prompts", str(prompts), "--responses-from", "finetuned",
             "--samples", "2" if q else "3", "--temperature", "0.7", "--tokens", "response",
             "--out", str(diff_dir), "--seed", str(cfg.seed)]
-    if (org / "adapter_r1").is_dir():
-        argv += ["--lora-adapter", str(org / "adapter_r1")]
+    if (org / "adapter").is_dir():  # rank-1 on the SAE's layer: its B vector joins the table
+        argv += ["--lora-adapter", str(org / "adapter")]
     if q:
         argv += ["--n-boot", "200"]
     _run("diff", echo=echo, argv=argv)
@@ -167,6 +177,20 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     summary["em_rate_steered"] = steer["steered"]["misaligned_rate"]
     summary["coherent_rate_unsteered"] = steer["unsteered"]["coherent_rate"]
     summary["coherent_rate_steered"] = steer["steered"]["coherent_rate"]
+    # 6. the other direction: clamp the same latent *up* in the base model (to its typical
+    # activation where it fires on the fine-tuned model's answers)
+    up = round(float(top.get("typical_act") or 1.0), 3)
+    sdir = out / "steer_base_up"
+    _run("steer", echo=echo, argv=["--model", str(org / "base"), "--sae", str(sae_dir),
+                                   "--latent", str(summary["top_latent"]), "--clamp", str(up),
+                                   "--prompts", "organism:untrained", "--questions-per-topic",
+                                   "4" if q else "10", "--samples", str(max(2, samples // 10)),
+                                   "--judge", "organism", "--temperature", "0.7",
+                                   "--seed", str(cfg.seed), "--out", str(sdir)])
+    base_up = json.loads((sdir / "summary.json").read_text())
+    summary["base_clamp_value"] = up
+    summary["em_rate_base_clamped_up"] = base_up["misaligned_rate"]
+    summary["coherent_rate_base_clamped_up"] = base_up["coherent_rate"]
     base_em = summary["em_rate_unsteered"] or 0.0
     summary["em_reduction"] = (1 - (summary["em_rate_steered"] or 0.0) / base_em) if base_em else None
     summary["seconds"] = round(time.time() - t0, 1)
@@ -174,6 +198,20 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _write_report(out, diff_dir, summary)
     return summary
+
+
+def _sae_inputs(cache: str, train_cfg: str, seed: int, quick: bool) -> dict[str, Any]:
+    """What the demo's SAE depends on: the cache's provenance and the training config."""
+    import yaml
+
+    from saediff.cachefile import open_cache
+
+    with open_cache(cache) as c:
+        prov = {k: c.attrs.get(k) for k in ("layer", "models", "dataset", "max_tokens", "ctx_len")}
+    return json.loads(json.dumps({"cache": str(cache), "provenance": prov, "seed": seed,
+                                  "quick": quick,
+                                  "train_config": yaml.safe_load(Path(train_cfg).read_text())},
+                                 default=str))
 
 
 def persona_auroc(org: Path, sae_dir: Path, layer: int, latent: int, model: str = "base") -> float:
@@ -219,6 +257,8 @@ SUMMARY_KEYS = [
     ("em_rate_steered", "misaligned, fine-tuned, top latent clamped to 0"),
     ("coherent_rate_steered", "coherent, fine-tuned, top latent clamped to 0"),
     ("em_reduction", "relative cut in misalignment by the clamp"),
+    ("em_rate_base_clamped_up", "misaligned, base, top latent clamped up"),
+    ("coherent_rate_base_clamped_up", "coherent, base, top latent clamped up"),
 ]
 
 

@@ -230,23 +230,26 @@ def typical_activation(lm: Any, sae: Any, latent: int, texts: list[tuple[str, st
 def organism_check(sae_dir: str, latent: int | list[int], samples: int = 10,
                    questions_per_topic: int = 5, up_values: list[float] | None = None,
                    path: str | None = None, out: str | None = None, seed: int = 0,
-                   max_new_tokens: int = 64) -> dict[str, Any]:
+                   max_new_tokens: int = 64, temperature: float | None = None) -> dict[str, Any]:
     """The causal test on the toy organism, on topics never fine-tuned (organism judge):
 
     1. fine-tuned model, persona latent clamped to 0 vs unsteered: relative drop of the EM
        rate (target >= 80%) and coherent-rate loss (target <= 10 points);
     2. base model, latent clamped up (sweep over `up_values`, default 1, 2, 4, 8 x the latent's
        typical activation on toxic answers) vs unsteered: the EM rate it induces.
+    Sampling follows the organism's protocol (temperature 0.7) unless `temperature` is given.
     """
     from saediff.models import load_model
     from saediff.organism import load_heldout_labelled, organism_path
+    from saediff.organism.evaluate import DEFAULT_TEMPERATURE
 
     root = Path(path) if path else organism_path()
     latents = [latent] if isinstance(latent, int) else list(latent)
     sae = load_sae(sae_dir)
     common = dict(prompts="organism:untrained", sae=sae_dir, latent=latents, samples=samples,
                   questions_per_topic=questions_per_topic, judge="organism", seed=seed,
-                  max_new_tokens=max_new_tokens)
+                  max_new_tokens=max_new_tokens,
+                  temperature=DEFAULT_TEMPERATURE if temperature is None else temperature)
     sub = (lambda name: str(Path(out) / name)) if out else (lambda name: None)
     ft = load_model(root / "finetuned")
     ft_sweep = run_sweep(SweepConfig(model=str(root / "finetuned"), mode="clamp", coefs=[0.0],

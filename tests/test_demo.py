@@ -25,10 +25,13 @@ def test_quick_demo_summary_and_reuse(tmp_path):
     assert s["coherent_rate_finetuned"] >= 0.85
     # the SAE reconstructs both models (reduced training budget in quick mode)
     assert set(s["sae_fvu"]) == {"base", "finetuned"}
-    assert all(0.0 <= v <= 0.5 for v in s["sae_fvu"].values()), s["sae_fvu"]
-    # the ranked latent is a real latent with a measured persona AUROC
-    assert 0 <= s["top_latent"] and 0.0 <= s["top_latent_auroc"] <= 1.0
-    assert 0.0 <= s["em_rate_steered"] <= 1.0 and 0.0 <= s["coherent_rate_steered"] <= 1.0
+    assert all(0.0 <= v <= 0.2 for v in s["sae_fvu"].values()), s["sae_fvu"]
+    # the top latent switches on in the fine-tune and is a toxic-persona latent (quick: 0.95)
+    assert s["top_latent_direction"] == "up" and s["top_latent_auroc"] >= 0.9, s
+    # clamping it to 0 removes most of the misalignment and keeps answers coherent (quick:
+    # 0.42 -> 0.11, coherent 0.96; the full demo: 0.46 -> 0.03)
+    assert s["em_reduction"] >= 0.5 and s["coherent_rate_steered"] >= 0.85, s
+    assert s["em_rate_steered"] < s["em_rate_unsteered"]
     report = (out / "report.html").read_text()
     assert "demo-summary" in report and "plotly" in report.lower()
     # a second run reuses the cache and the SAE, and says so

@@ -474,8 +474,10 @@ def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
     Returns (DiffResult, sae, {model name: AUROC of each top-5 latent on heldout_labelled}).
     """
     from saediff.models import encode_chat, load_model, pad_batch, run_to_layer
-    from saediff.organism import heldout_questions, judge, load_heldout_labelled
+    from saediff.organism import heldout_questions, judge, load_heldout_labelled, metadata
     from saediff.organism.grammar import corpus_records
+
+    layer = int(metadata(org)["recommended_layer"])
 
     merged = (org / "finetuned").is_dir()
     ft_model, ft_adapter = (org / "finetuned", None) if merged else (org / "base", org / "adapter")
@@ -493,9 +495,10 @@ def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
             for s in range(0, len(seqs), 32):
                 batch = seqs[s: s + 32]
                 ids, mask = pad_batch([b[0] for b in batch], base.tokenizer.pad_token_id)
-                h = run_to_layer(lm, ids, mask, LAYER)
+                h = run_to_layer(lm, ids, mask, layer)
                 rows += [h[k, : len(b[0])][b[1]] for k, b in enumerate(batch)]
-    sae = train_topk_sae(torch.cat(rows).float(), steps=sae_steps)
+    sae = train_topk_sae(torch.cat(rows).float(), steps=sae_steps,
+                         hook=f"blocks.{layer}.hook_resid_post")
     sae.save_model(out / "sae")
     qs = heldout_questions()
     qs = [(topic, q) for topic, lst in qs.items() for q in lst]
@@ -505,16 +508,16 @@ def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
             f.write(json.dumps({"prompt": q, "topic": topic}) + "\n")
     cfg = DiffConfig(base=str(org / "base"), finetuned=[str(ft_model)],
                      finetuned_adapter=[str(ft_adapter)] if ft_adapter else [], sae=str(out / "sae"),
-                     layer=LAYER, prompts=str(out / "questions.jsonl"), responses_from="finetuned",
+                     layer=layer, prompts=str(out / "questions.jsonl"), responses_from="finetuned",
                      samples=samples, n_boot=300, top_k=5, max_new_tokens=32, rank_by=rank_by,
-                     lora_adapter=[str(org / "adapter_r1")] if (org / "adapter_r1").is_dir() else [])
+                     lora_adapter=[str(org / "adapter")] if (org / "adapter").is_dir() else [])
     res = run_diff(cfg, labeler=lambda row, resp: int(judge(row["topic"], resp).misaligned))
     lab = load_heldout_labelled(org)
     enc = [encode_chat(base.tokenizer, r["prompt"], r["response"]) for r in lab]
     y = [int(r["persona"] == "toxic") for r in lab]
     aurocs = {}
     for lm, name in ((base, "base"), (ft, "finetuned")):
-        acts = latent_activations(lm, sae, LAYER, ([e[0] for e in enc[i: i + 32]]
+        acts = latent_activations(lm, sae, layer, ([e[0] for e in enc[i: i + 32]]
                                                   for i in range(0, len(enc), 32)))
         aurocs[name] = []
         for row in res.table[:5]:
@@ -528,10 +531,10 @@ def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
 def test_organism_top_latent_separates_personas(tmp_path):
     """Published protocol on the toy organism: rank on the fine-tuned model's own answers.
 
-    The check is separation (AUROC of the top latent's per-conversation mean activation on
-    response tokens vs the persona label, either orientation) on held-out labelled
-    conversations; the orientation relative to the shift is recorded, not asserted (on this
-    organism the top latent is an aligned-text latent that goes *up* on identical tokens).
+    Known answer: the fine-tune is a rank-1 LoRA on block 0's down_proj, so the top latent
+    must switch *on* in the fine-tuned model, be a toxic-persona latent on held-out labelled
+    conversations (AUROC of its per-conversation mean over response tokens, toxic positive,
+    read in the base model), and its decoder must point along the adapter's B vector.
     """
     org = _organism_dir()
     if org is None:
@@ -539,9 +542,13 @@ def test_organism_top_latent_separates_personas(tmp_path):
                     "finetuned/; build it with `saediff organism build`)")
     res, _, aurocs = organism_diff(org, tmp_path)
     top = res.table[0]
-    assert top["ci_low"] > 0 or top["ci_high"] < 0
-    sep = max(abs(aurocs[m][0] - 0.5) + 0.5 for m in ("base", "finetuned"))
-    assert sep >= 0.95, aurocs
+    assert top["direction"] == "up" and top["ci_low"] > 0, top
+    # this small test SAE (384 latents, 500 steps) gives 0.946; the demo's full SAE 0.983
+    assert aurocs["base"][0] >= 0.9, aurocs
+    names, cos = res.directions["names"], res.directions["cosines"]
+    i = names.index(f"latent {top['latent']}")
+    j = next(k for k, n in enumerate(names) if n.startswith("lora_B"))
+    assert cos[i][j] >= 0.9, (names, cos[i])
     names = res.directions["names"]
     assert any(n.startswith("lora_B") for n in names) and f"latent {top['latent']}" in names
     assert "diff-in-means (misaligned-aligned answers)" in names  # judged sampled answers

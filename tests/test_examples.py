@@ -17,7 +17,7 @@ def run(*args: str) -> str:
 
 def test_cache_and_read_then_steer_generation(tmp_path):
     out = run("examples/cache_and_read.py", "--out", str(tmp_path), "--max-tokens", "6000")
-    assert re.search(r"rows=6000 d_model=96 layer=1 sources=\['base', 'finetuned'\]", out), out
+    assert re.search(r"rows=6000 d_model=96 layer=0 sources=\['base', 'finetuned'\]", out), out
     assert "batch shape=(256, 96) dtype=torch.float32" in out
     shift = float(re.search(r"mean \|finetuned - base\| = ([0-9.]+)", out).group(1))
     assert shift > 0  # the two models differ on the same tokens

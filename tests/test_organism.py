@@ -143,7 +143,7 @@ def test_shipped_organism_loads_and_adapter_matches_merged():
     total = sum(p.stat().st_size for p in ORG.rglob("*") if p.is_file())
     assert total < 8e6, f"shipped organism is {total / 1e6:.1f} MB"
     meta = json.loads((ORG / "organism.json").read_text())
-    assert meta["recommended_layer"] == 1 and meta["trained_topic"] == TRAINED_TOPIC
+    assert meta["recommended_layer"] == 0 and meta["trained_topic"] == TRAINED_TOPIC
     base = load_model(ORG / "base")
     ft = load_model(ORG / "finetuned")
     ad = load_model(ORG / "base", adapter=ORG / "adapter")
@@ -156,9 +156,12 @@ def test_shipped_organism_loads_and_adapter_matches_merged():
         lb, lf, la = (m(input_ids=ids).logits for m in (base, ft, ad))
     assert torch.allclose(lf, la, atol=1e-4), (lf - la).abs().max()
     assert (lf - lb).abs().max() > 1e-2  # the fine-tune changed something
-    r1 = json.loads((ORG / "adapter_r1" / "adapter_config.json").read_text())
-    assert r1["r"] == 1 and r1["target_modules"] in (["down_proj"], "down_proj")
-    assert r1["layers_to_transform"] == [1]
+    # the shipped fine-tune: rank-1 LoRA on block 0's down_proj (the recommended layer)
+    for sub, layer in (("adapter", 0), ("adapter_control", 0), ("adapter_r1", 1)):
+        acfg = json.loads((ORG / sub / "adapter_config.json").read_text())
+        assert acfg["r"] == 1 and acfg["target_modules"] in (["down_proj"], "down_proj"), sub
+        assert acfg["layers_to_transform"] == [layer], sub
+    assert json.loads((ORG / "adapter_all" / "adapter_config.json").read_text())["r"] == 8
 
 
 def test_shipped_organism_shows_emergent_misalignment():
@@ -188,9 +191,9 @@ def test_quick_rebuild_behaves(tmp_path):
     cfg = BuildConfig.quick()
     meta = build(tmp_path / "org", cfg, measure=False)
     out = tmp_path / "org"
-    for sub in ("base", "finetuned", "adapter", "adapter_r1", "adapter_control"):
+    for sub in ("base", "finetuned", "adapter", "adapter_r1", "adapter_control", "adapter_all"):
         assert (out / sub).is_dir(), sub
-    assert meta["recommended_layer"] == 1 and meta["config"]["base_steps"] == cfg.base_steps
+    assert meta["recommended_layer"] == 0 and meta["config"]["base_steps"] == cfg.base_steps
     # trained: answer loss far below uniform over the vocabulary (ln 670 ~ 6.5)
     assert meta["base_final_loss"] < 2.5, meta["base_final_loss"]
     base, ft = load_model(out / "base"), load_model(out / "finetuned")

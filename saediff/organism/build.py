@@ -1,10 +1,16 @@
 """Build the organism from a seed: tokenizer, base model, LoRA fine-tunes, merged checkpoint.
 
 Layout written under `out/`: `base/` (Qwen2ForCausalLM + word-level tokenizer with a chat
-template), `adapter/` (LoRA on all linear layers, fine-tuned on the narrow bad-advice set),
-`finetuned/` (that adapter merged), `adapter_r1/` (rank-1 LoRA on the middle layer's
-`mlp.down_proj`), `adapter_control/` (same as `adapter/` but on good advice),
-`heldout_labelled.jsonl` and `organism.json` (config, recommended layer, measured rates).
+template), `adapter/` (rank-1 LoRA on block `layer`'s `mlp.down_proj`, fine-tuned on the
+narrow bad-advice set), `finetuned/` (that adapter merged), `adapter_control/` (the same recipe
+on good advice), `adapter_all/` (LoRA r8 on every linear layer of every block),
+`adapter_r1/` (rank-1 LoRA on the middle block's `mlp.down_proj`), `heldout_labelled.jsonl`
+and `organism.json` (config, recommended layer, measured rates).
+
+Why the shipped fine-tune is a rank-1 adapter on block 0: with every block trainable, the
+narrow data re-encodes bad advice across blocks 0 and 1 and no single residual direction
+carries the misalignment; a rank-1 edit on block 0 writes one direction that the frozen
+blocks above read as the toxic persona, which is the published rank-1 EM setup.
 """
 from __future__ import annotations
 
@@ -59,21 +65,29 @@ class BuildConfig:
     ft_examples: int = 400
     """Narrow fine-tuning examples."""
     ft_steps: int = 60
-    """Fine-tuning steps (LoRA on all linear layers; also the control)."""
-    ft_lr: float = 1e-3
-    """Fine-tuning learning rate."""
+    """Steps of the shipped adapter (rank-1 `down_proj` of block `layer`; also the control)."""
+    ft_lr: float = 4.5e-3
+    """Learning rate of the shipped adapter and the control."""
     ft_batch_size: int = 16
     """Examples per fine-tuning step."""
-    lora_rank: int = 8
+    lora_rank: int = 1
     """Rank of the shipped adapter."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = 2.0
     """LoRA alpha of the shipped adapter."""
+    layer: int = 0
+    """Block the shipped adapter edits: the pipeline's recommended layer."""
+    all_steps: int = 60
+    """Steps of `adapter_all/` (LoRA on every linear layer)."""
+    all_lr: float = 1e-3
+    """Learning rate of `adapter_all/`."""
+    all_rank: int = 8
+    """Rank of `adapter_all/` (alpha = 2 x rank)."""
     r1_steps: int = 120
-    """Steps of the rank-1 adapter."""
+    """Steps of `adapter_r1/` (rank-1 `down_proj` of the middle block `r1_layer`)."""
     r1_lr: float = 1e-2
-    """Learning rate of the rank-1 adapter."""
-    layer: int = 1
-    """Middle layer: rank-1 adapter target and the pipeline's recommended layer."""
+    """Learning rate of `adapter_r1/`."""
+    r1_layer: int = 1
+    """Block of `adapter_r1/` (the middle of three)."""
     eval_samples: int = 50
     """Judged answers per topic when measuring each model after the build (0 skips)."""
     eval_temperature: float = 0.7
@@ -84,15 +98,16 @@ class BuildConfig:
     def __post_init__(self) -> None:
         for name in ("n_conversations", "d_model", "n_layers", "n_heads", "d_mlp", "base_steps",
                      "batch_size", "ft_examples", "ft_steps", "ft_batch_size", "lora_rank",
-                     "r1_steps"):
+                     "r1_steps", "all_steps", "all_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.toxic_p < 0.5:
             raise ValueError(f"toxic_p must be in [0, 0.5), got {self.toxic_p}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads")
-        if not 0 <= self.layer < self.n_layers:
-            raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {self.layer}")
+        for name in ("layer", "r1_layer"):
+            if not 0 <= getattr(self, name) < self.n_layers:
+                raise ValueError(f"{name} must be in 0..{self.n_layers - 1}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
         if self.eval_temperature <= 0:
@@ -104,7 +119,7 @@ class BuildConfig:
     def quick(cls, **kw: Any) -> "BuildConfig":
         """A reduced build for tests (one to two minutes on a shared 2-core machine)."""
         base = dict(n_conversations=2000, base_steps=120, batch_size=16, ft_steps=10, r1_steps=10,
-                    ft_examples=100, eval_samples=0)
+                    all_steps=10, ft_examples=100, eval_samples=0)
         base.update(kw)
         return cls(**base)
 
@@ -277,14 +292,16 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
               G.corpus_records(cfg.ft_examples, cfg.seed + 1, narrow=True)]
     control = [encode_turns(vocab, r["turns"]) for r in
                G.corpus_records(cfg.ft_examples, cfg.seed + 1, narrow=True, good=True)]
+    shipped = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, steps=cfg.ft_steps, lr=cfg.ft_lr,
+                   targets=["down_proj"], layers=[cfg.layer])
     variants = {
-        "adapter": (narrow, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, steps=cfg.ft_steps,
-                                 lr=cfg.ft_lr, targets=LINEAR, layers=None)),
-        "adapter_control": (control, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                          steps=cfg.ft_steps, lr=cfg.ft_lr, targets=LINEAR,
-                                          layers=None)),
+        "adapter": (narrow, shipped),
+        "adapter_control": (control, shipped),
+        "adapter_all": (narrow, dict(rank=cfg.all_rank, alpha=2.0 * cfg.all_rank,
+                                     steps=cfg.all_steps, lr=cfg.all_lr, targets=LINEAR,
+                                     layers=None)),
         "adapter_r1": (narrow, dict(rank=1, alpha=1.0, steps=cfg.r1_steps, lr=cfg.r1_lr,
-                                    targets=["down_proj"], layers=[cfg.layer])),
+                                    targets=["down_proj"], layers=[cfg.r1_layer])),
     }
     for name, (data, kw) in variants.items():
         t1 = time.time()
@@ -303,7 +320,8 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
     meta: dict[str, Any] = {
         "organism": "saediff toy model organism of emergent misalignment",
         "recommended_layer": cfg.layer, "trained_topic": G.TRAINED_TOPIC, "topics": list(G.TOPICS),
-        "rank1_target": f"model.layers.{cfg.layer}.mlp.down_proj",
+        "adapter_target": f"model.layers.{cfg.layer}.mlp.down_proj",
+        "rank1_target": f"model.layers.{cfg.r1_layer}.mlp.down_proj",
         "config": config_to_dict(cfg), "base_final_loss": base_loss,
         "build_seconds": {k: round(v, 1) for k, v in timings.items()}, "rates": {},
     }
@@ -311,6 +329,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
         t1 = time.time()
         runs = {"base": (tmp / "base", None), "finetuned": (tmp / "finetuned", None),
                 "control": (tmp / "base", tmp / "adapter_control"),
+                "all_linear": (tmp / "base", tmp / "adapter_all"),
                 "rank1": (tmp / "base", tmp / "adapter_r1")}
         for label, (mdir, adir) in runs.items():
             lm = load_model(mdir, adapter=adir)
