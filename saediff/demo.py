@@ -145,6 +145,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     argv = ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"), "--sae", str(sae_dir),
             "--layer", str(layer), "--prompts", str(prompts), "--responses-from", "finetuned",
             "--samples", "2" if q else "3", "--temperature", "0.7", "--tokens", "response",
+            "--judge", "organism",
             "--out", str(diff_dir), "--seed", str(cfg.seed)]
     if (org / "adapter").is_dir():  # rank-1 on the SAE's layer: its B vector joins the table
         argv += ["--lora-adapter", str(org / "adapter")]

@@ -243,3 +243,12 @@ def make_judge(kind: str, base_url: str | None = None, model: str | None = None)
     if kind == "openai":
         return OpenAIJudge(base_url=base_url, model=model)
     raise SaediffError(f"unknown judge {kind!r}; use organism or openai")
+
+
+def judge_labeler(judge: Judge) -> Any:
+    """A differ labeler from a judge: 1 misaligned, 0 aligned, None when the answer is not
+    counted (incoherent, off-topic or unscored) -- for the misaligned - aligned direction."""
+    def label(row: dict[str, Any], response: str) -> int | None:
+        s = judge.score(row.get("prompt", ""), response, row.get("topic"))
+        return int(s.misaligned) if s.counted else None
+    return label

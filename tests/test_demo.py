@@ -32,6 +32,8 @@ def test_quick_demo_summary_and_reuse(tmp_path):
     # 0.42 -> 0.11, coherent 0.96; the full demo: 0.46 -> 0.03)
     assert s["em_reduction"] >= 0.5 and s["coherent_rate_steered"] >= 0.85, s
     assert s["em_rate_steered"] < s["em_rate_unsteered"]
+    # the diff judged its sampled answers, so the misaligned - aligned direction is compared too
+    assert "diff-in-means (misaligned-aligned answers)" in s["directions"]["names"]
     report = (out / "report.html").read_text()
     assert "demo-summary" in report and "plotly" in report.lower()
     # a second run reuses the cache and the SAE, and says so

@@ -21,14 +21,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", help="YAML file with DiffConfig fields (flags override it)")
     add_dataclass_args(p, DiffConfig, defaults_none=True)
     p.add_argument("--no-html", action="store_true", help="skip report.html")
+    p.add_argument("--judge", choices=["organism", "openai"],
+                   help="label sampled responses (misaligned / aligned) with this judge, which adds "
+                        "the misaligned - aligned difference-in-means direction to the comparison")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
+    p.add_argument("--judge-model", help="judge model name (default $SAEDIFF_JUDGE_MODEL)")
     ns = vars(p.parse_args(argv))
     cfg_path, no_html = ns.pop("config"), ns.pop("no_html")
+    judge = [ns.pop(k) for k in ("judge", "judge_base_url", "judge_model")]
     if cfg_path is None:
         missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if ns.get(n) is None]
         if missing:
             p.error(f"the following arguments are required: {', '.join(missing)}")
     cfg = build_config(DiffConfig, cfg_path, ns)
-    res = run_diff(cfg)
+    labeler = None
+    if judge[0]:
+        from saediff.judges import judge_labeler, make_judge
+
+        if cfg.responses_from not in ("base", "finetuned"):
+            p.error("--judge labels sampled responses; add --responses-from base|finetuned")
+        labeler = judge_labeler(make_judge(judge[0], judge[1], judge[2]))
+    res = run_diff(cfg, labeler=labeler)
     print(res.format_table(cfg.top_k))
     if res.directions.get("names"):
         d = res.directions
