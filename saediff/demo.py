@@ -28,7 +28,7 @@ class DemoConfig:
     quick: bool = False
     """Reduced sizes for a smoke run (a few minutes): fewer tokens, steps and samples."""
     cache: str | None = None
-    """Activation cache path (default: activations_cache/organism[_quick].h5)."""
+    """Activation cache path (default: activations_cache/organism_l{layer}[_quick].h5)."""
     train_config: str | None = None
     """SAE training config (default: configs/toy_topk.yaml)."""
     samples: int | None = None

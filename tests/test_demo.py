@@ -43,3 +43,8 @@ def test_quick_demo_summary_and_reuse(tmp_path):
     said = "\n".join(lines)
     assert "reusing the trained SAE" in said and "reusing " + cfg.cache in said
     assert (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime
+
+
+def test_demo_config_rejects_a_directory_without_an_organism(tmp_path):
+    with pytest.raises(ValueError, match="organism: no organism.json"):
+        DemoConfig(out=str(tmp_path / "d"), organism=str(tmp_path))
