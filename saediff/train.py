@@ -279,7 +279,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         _write_json(rdir / "train_config.json", config_to_dict(rcfg))
         trainers.append(_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store))
     state = load_checkpoint(root, trainers, store)
-    check_resume_config(_resume_fields(cfg), state, root)
+    fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
+    check_resume_config(fields, state, root)
     start = state["step"] if state else 0
     scale = state["scale"] if state else None
     if scale is None and cfg.normalize:
@@ -288,7 +289,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         tr.activation_scaler.scaling_factor = scale if cfg.normalize else None
     for rdir in run_dirs:
         _truncate_metrics(rdir / "metrics.jsonl", start)
-    extra = {"n_saes": len(trainers), "scale": scale, "config": _resume_fields(cfg)}
+    extra = {"n_saes": len(trainers), "scale": scale, "config": fields}
     last_ck = state and start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=None)
     step = start

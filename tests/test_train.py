@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_array_cache(path: Path, acts: dict[str, np.ndarray], seq_len: int = 32,
-                      layer: int = 1, role: int = 3) -> Path:
+                      layer: int = 1, role: int = 3, model_name: str = "synthetic") -> Path:
     """Arrays -> a saediff cache file (same schema and writer helpers as `saediff cache`)."""
     from saediff.cache import _create
     from saediff.cachefile import P_COMPLETE, P_ROWS, P_SEQS
@@ -34,7 +34,7 @@ def write_array_cache(path: Path, acts: dict[str, np.ndarray], seq_len: int = 32
     prov = {"schema_version": 1, "layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post",
             "d_model": d, "dtype": "float32", "ctx_len": seq_len, "max_tokens": n,
             "sources": list(acts),
-            "models": {s: {"name": "synthetic", "adapter": ""} for s in acts},
+            "models": {s: {"name": model_name, "adapter": ""} for s in acts},
             "dataset": {"source": "synthetic"}}
     f = _create(path, prov)
     lens = [min(seq_len, n - a) for a in range(0, n, seq_len)]
@@ -190,6 +190,18 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     (run,) = train(dataclasses.replace(cfg, log_every=5, checkpoint_every=20), evals=False,
                    store=TensorStore(data, 128))
     assert (run / "sae_weights.safetensors").is_file()
+
+
+def test_resume_on_a_rebuilt_cache_is_refused(tmp_path):
+    x = np.random.default_rng(0).normal(size=(4096, 16)).astype(np.float32)
+    cache = write_array_cache(tmp_path / "c.h5", {"base": x, "finetuned": x})
+    cfg = TrainConfig(cache=[str(cache)], out=str(tmp_path / "r"), d_sae=32, k=4,
+                      total_tokens=30 * 256, batch_size=256, checkpoint_every=10)
+    train(cfg, evals=False, stop_after=12)
+    cache.unlink()  # same path, activations of other models
+    write_array_cache(cache, {"base": x, "finetuned": x}, model_name="other")
+    with pytest.raises(SaediffError, match="different training config \\(cache_models"):
+        train(cfg, evals=False)
 
 
 # --- saved format, folding ----------------------------------------------------------------------
