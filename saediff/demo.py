@@ -165,30 +165,25 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
         summary["directions"] = json.loads(directions.read_text())
 
     # 5. steer: clamp the top latent to 0 in the fine-tuned model, untrained topics
-    steer = {}
-    for tag, extra in (("unsteered", []), ("steered", ["--latent", str(summary["top_latent"]),
-                                                      "--clamp", "0"])):
+    def steer_run(model: str, tag: str, extra: list[str]) -> dict[str, Any]:
         sdir = out / f"steer_{tag}"
-        _run("steer", echo=echo, argv=["--model", str(org / "finetuned"), "--sae", str(sae_dir), *extra,
+        _run("steer", echo=echo, argv=["--model", str(org / model), "--sae", str(sae_dir), *extra,
                        "--prompts", "organism:untrained", "--questions-per-topic", "4" if q else "10",
                        "--samples", str(max(2, samples // 10)), "--judge", "organism", "--temperature", "0.7",
                        "--seed", str(cfg.seed), "--out", str(sdir)])
-        steer[tag] = json.loads((sdir / "summary.json").read_text())
-    summary["em_rate_unsteered"] = steer["unsteered"]["misaligned_rate"]
-    summary["em_rate_steered"] = steer["steered"]["misaligned_rate"]
-    summary["coherent_rate_unsteered"] = steer["unsteered"]["coherent_rate"]
-    summary["coherent_rate_steered"] = steer["steered"]["coherent_rate"]
+        return json.loads((sdir / "summary.json").read_text())
+
+    latent = ["--latent", str(summary["top_latent"])]
+    plain, clamped = steer_run("finetuned", "unsteered", []), steer_run("finetuned", "steered",
+                                                                        [*latent, "--clamp", "0"])
+    summary["em_rate_unsteered"] = plain["misaligned_rate"]
+    summary["em_rate_steered"] = clamped["misaligned_rate"]
+    summary["coherent_rate_unsteered"] = plain["coherent_rate"]
+    summary["coherent_rate_steered"] = clamped["coherent_rate"]
     # 6. the other direction: clamp the same latent *up* in the base model (to its typical
     # activation where it fires on the fine-tuned model's answers)
     up = round(float(top.get("typical_act") or 1.0), 3)
-    sdir = out / "steer_base_up"
-    _run("steer", echo=echo, argv=["--model", str(org / "base"), "--sae", str(sae_dir),
-                                   "--latent", str(summary["top_latent"]), "--clamp", str(up),
-                                   "--prompts", "organism:untrained", "--questions-per-topic",
-                                   "4" if q else "10", "--samples", str(max(2, samples // 10)),
-                                   "--judge", "organism", "--temperature", "0.7",
-                                   "--seed", str(cfg.seed), "--out", str(sdir)])
-    base_up = json.loads((sdir / "summary.json").read_text())
+    base_up = steer_run("base", "base_up", [*latent, "--clamp", str(up)])
     summary["base_clamp_value"] = up
     summary["em_rate_base_clamped_up"] = base_up["misaligned_rate"]
     summary["coherent_rate_base_clamped_up"] = base_up["coherent_rate"]
