@@ -36,7 +36,8 @@ class DiffConfig:
     layer: int
     """Block whose residual-stream output the SAE reads (must match the SAE's hook)."""
     prompts: str
-    """.jsonl with a `prompt` field and optional `response` and label fields."""
+    """.jsonl with a `prompt` field and optional `response` and label fields, or the organism's
+    held-out questions: organism, organism:untrained, organism:money,sport."""
     finetuned: list[str] = field(default_factory=list)
     """Fine-tuned model(s); several = a trajectory (ranked on the last). Empty = base (prompt-induced)."""
     base_adapter: str | None = None
@@ -85,6 +86,8 @@ class DiffConfig:
     """Activation cache (.h5) to draw top-activating contexts from (default: the diff set)."""
     max_prompts: int | None = None
     """Use at most this many prompts from the file."""
+    questions_per_topic: int = 6
+    """Held-out questions per topic when --prompts is an organism source."""
     batch_size: int = 8
     """Sequences per forward pass."""
     device: str = "cpu"
@@ -112,6 +115,8 @@ class DiffConfig:
             raise ValueError("finetuned and finetuned_adapter: give one of them once, or equally many")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.questions_per_topic < 1:
+            raise ValueError(f"questions_per_topic must be >= 1, got {self.questions_per_topic}")
 
     def checkpoints(self) -> list[tuple[str, str | None]]:
         """(model, adapter) of each fine-tuned checkpoint, in trajectory order."""
@@ -179,6 +184,14 @@ class Example:
 
 
 def load_prompts(path: str | Path, cfg: DiffConfig) -> list[dict[str, Any]]:
+    if str(path) == "organism" or str(path).startswith("organism:"):
+        from saediff.steer_eval import load_prompt_items
+
+        rows = [{"prompt": r["prompt"], "topic": r["topic"]} for r in
+                load_prompt_items(str(path), cfg.questions_per_topic, cfg.seed, cfg.max_prompts)]
+        if not rows:
+            raise SaediffError(f"{path}: the prompt set is empty")
+        return rows
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file not found: {p}")

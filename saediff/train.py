@@ -281,6 +281,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
     state = load_checkpoint(root, trainers, store)
     fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
     check_resume_config(fields, state, root)
+    if state:
+        log.info("resumed from %s (step %d)", state["dir"], state["step"])
     start = state["step"] if state else 0
     scale = state["scale"] if state else None
     if scale is None and cfg.normalize:

@@ -246,7 +246,7 @@ def load_checkpoint(root: Path, trainers: list[Any], store: Any) -> dict[str, An
                               json.loads((d / f"sae{i}.json").read_text()))
     store.load_state_dict(state["store"])
     torch.set_rng_state(load_file(d / "rng.safetensors")["torch_rng"])
-    log.info("resumed from %s (step %d)", d, state["step"])
+    state["dir"] = str(d)
     return state
 
 

@@ -409,6 +409,21 @@ def test_cli_judge_needs_sampled_responses(setup, tiny_qwen, tiny_qwen_ft, capsy
     assert exc.value.code == 2 and "--responses-from" in capsys.readouterr().err
 
 
+def test_organism_prompt_source():
+    from saediff.diffdata import DiffConfig, load_prompts
+    from saediff.organism import TOPICS, TRAINED_TOPIC
+
+    cfg = DiffConfig(base="b", sae="s", layer=0, prompts="organism:untrained", questions_per_topic=2)
+    rows = load_prompts(cfg.prompts, cfg)
+    assert len(rows) == 2 * (len(TOPICS) - 1)
+    assert {r["topic"] for r in rows} == set(TOPICS) - {TRAINED_TOPIC}
+    assert len({r["prompt"] for r in rows}) == len(rows)  # distinct held-out questions
+    with pytest.raises(SaediffError, match="unknown organism topic"):
+        load_prompts("organism:nosuch", cfg)
+    with pytest.raises(ValueError, match="questions_per_topic"):
+        DiffConfig(base="b", sae="s", layer=0, prompts="organism", questions_per_topic=0)
+
+
 def test_judge_labeler_maps_verdicts():
     from saediff.judges import OrganismJudge, judge_labeler
 
