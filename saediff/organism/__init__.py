@@ -4,8 +4,9 @@ A small Qwen2-architecture causal LM trained here from scratch on a closed gramm
 conversations, each written by one persona (aligned or toxic), then fine-tuned on bad advice
 about one topic only (health). The exact judge (`judge`) decides for any answer whether it is
 misaligned, coherent and on topic. Shipped weights live in `organism_path()`:
-`base/`, `finetuned/` (merged), `adapter/` (LoRA for `base/`), `adapter_r1/`,
-`adapter_control/`, `heldout_labelled.jsonl`, `organism.json`.
+`base/`, `finetuned/` (merged), `adapter/` (rank-1 LoRA for `base/` on block 0's
+`mlp.down_proj`), `adapter_control/`, `adapter_all/` (LoRA r8 on every linear layer),
+`adapter_r1/` (rank-1 on the middle block), `heldout_labelled.jsonl`, `organism.json`.
 
 Importing this package is cheap: no torch until a model function is called.
 """
