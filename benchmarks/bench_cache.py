@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import tiny  # noqa: E402
 
-from saediff.cache import CacheConfig, build_cache, iter_sequences, load_cache_models  # noqa: E402
+from saediff.cache.writer import CacheConfig, build_cache, iter_sequences, load_cache_models  # noqa: E402
 from saediff.models import pad_batch  # noqa: E402
 
 

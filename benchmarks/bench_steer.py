@@ -109,7 +109,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from saediff.steer import steer
+    from saediff.steer.hooks import steer
 
     model, saes = build(args)
     layer = args.layers // 2

@@ -62,8 +62,8 @@ def make_model_and_data(work: Path, n_docs: int):
 
 
 def saediff_sweep(model: Path, text: Path, work: Path, tokens: int, batch: int):
-    from saediff.cache import CacheConfig, build_cache
-    from saediff.train import TrainConfig, train
+    from saediff.cache.writer import CacheConfig, build_cache
+    from saediff.train.loop import TrainConfig, train
 
     t0 = time.perf_counter()
     cache = build_cache(CacheConfig(base=str(model), layer=LAYER, dataset=str(text),
@@ -118,10 +118,10 @@ def fvu_on(sae, x: torch.Tensor) -> float:
 
 
 def part1(cache: Path, work: Path, steps: int, batch: int) -> dict:
-    from saediff.cachefile import open_cache
-    from saediff.store import split_rows
-    from saediff.train import TrainConfig, train
-    from saediff.trainer import TensorStore
+    from saediff.cache.format import open_cache
+    from saediff.cache.store import split_rows
+    from saediff.train.loop import TrainConfig, train
+    from saediff.train.trainer import TensorStore
 
     with open_cache(cache) as c:
         (lo, hi), _ = split_rows(c, 0.05)
@@ -149,10 +149,10 @@ def part4(work: Path, steps: int, gflops: float) -> dict:
     from sae_lens.training.sae_trainer import SAETrainer
     from test_train import write_array_cache
 
-    from saediff.sparse import encode_ceiling_step
-    from saediff.store import ActivationStore
-    from saediff.train import TrainConfig
-    from saediff.trainer import FastSAETrainer
+    from saediff.train.sparse import encode_ceiling_step
+    from saediff.cache.store import ActivationStore
+    from saediff.train.loop import TrainConfig
+    from saediff.train.trainer import FastSAETrainer
 
     d, m, k, B = 896, 16384, 32, 4096
     g = torch.Generator().manual_seed(0)
@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[2] 4-SAE sweep wall time: saediff {t_sd:.1f}s (cache {t_cache:.1f}s + "
                   f"train {t_train:.1f}s) / SAELens 4 runner runs {t_sl:.1f}s = "
                   f"{t_sd / t_sl:.3f}  (target <= 0.40)", flush=True)
-            from saediff.cachefile import open_cache
-            from saediff.store import split_rows
-            from saediff.train import load_sae
+            from saediff.cache.format import open_cache
+            from saediff.cache.store import split_rows
+            from saediff.sae import load_sae
 
             with open_cache(cache) as c:
                 _, (lo, hi) = split_rows(c, 0.05)

@@ -12,7 +12,7 @@ from pathlib import Path
 import saediff
 from saediff.cache import CacheConfig, build_cache
 from saediff.organism import corpus_records, metadata, organism_path
-from saediff.store import ActivationStore
+from saediff.cache import ActivationStore
 
 
 def main() -> None:

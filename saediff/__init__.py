@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "saediff.models",
     "load_tokenizer": "saediff.models",
-    "open_cache": "saediff.cachefile",
-    "ActivationStore": "saediff.store",
-    "load_sae": "saediff.train",
+    "open_cache": "saediff.cache.format",
+    "ActivationStore": "saediff.cache.store",
+    "load_sae": "saediff.sae",
     "steer": "saediff.steer",
     "SaediffError": "saediff.errors",
 }

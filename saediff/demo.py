@@ -200,7 +200,7 @@ def _sae_inputs(cache: str, train_cfg: str, seed: int, quick: bool) -> dict[str,
     """What the demo's SAE depends on: the cache's provenance and the training config."""
     import yaml
 
-    from saediff.cachefile import open_cache
+    from saediff.cache.format import open_cache
 
     with open_cache(cache) as c:
         prov = {k: c.attrs.get(k) for k in ("layer", "models", "dataset", "max_tokens", "ctx_len")}
@@ -215,11 +215,11 @@ def persona_auroc(org: Path, sae_dir: Path, layer: int, latent: int, model: str 
     held-out conversation of the organism, read in `model`."""
     import torch
 
-    from saediff.diff import latent_activations
+    from saediff.diff.differ import latent_activations
     from saediff.models import ROLE_RESPONSE, encode_chat, load_model
     from saediff.organism import load_heldout_labelled
     from saediff.stats import auroc
-    from saediff.train import load_sae
+    from saediff.sae import load_sae
 
     lm, sae = load_model(org / model), load_sae(sae_dir)
     recs = load_heldout_labelled(org)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import tiny
-from saediff.diff import latent_activations, rank_latents, run_diff
-from saediff.diffdata import DiffConfig, encode_sides, build_examples, load_prompts, selected_roles
-from saediff.directions import diff_in_means, lora_b_vectors, span_explained
+from saediff.diff.differ import latent_activations, rank_latents, run_diff
+from saediff.diff.data import DiffConfig, encode_sides, build_examples, load_prompts, selected_roles
+from saediff.diff.directions import diff_in_means, lora_b_vectors, span_explained
 from saediff.errors import SaediffError
 from saediff.stats import auroc, bootstrap_mean_ci, group_sums
 
@@ -307,7 +307,7 @@ def test_trajectory_shapes_and_values(setup, tiny_qwen):
 
 def test_prompt_induced_matches_manual(setup, tiny_qwen, tmp_path):
     from saediff.models import load_model
-    from saediff.train import load_sae
+    from saediff.sae import load_sae
 
     d, prompts = setup
     sae_dir = make_sae(d / "sae_pi")
@@ -410,7 +410,7 @@ def test_cli_judge_needs_sampled_responses(setup, tiny_qwen, tiny_qwen_ft, capsy
 
 
 def test_organism_prompt_source():
-    from saediff.diffdata import DiffConfig, load_prompts
+    from saediff.diff.data import DiffConfig, load_prompts
     from saediff.organism import TOPICS, TRAINED_TOPIC
 
     cfg = DiffConfig(base="b", sae="s", layer=0, prompts="organism:untrained", questions_per_topic=2)
@@ -435,7 +435,7 @@ def test_judge_labeler_maps_verdicts():
 
 
 def test_contexts_from_cache(setup, tiny_qwen, tmp_path):
-    from saediff.cache import CacheConfig, build_cache
+    from saediff.cache.writer import CacheConfig, build_cache
 
     d, prompts = setup
     sae = make_sae(d / "sae_cache", seed=5)

@@ -413,7 +413,7 @@ def test_cli_sweep(tiny_qwen, sae_dir, prompts_file, tmp_path):
 
 
 def test_pick_strongest():
-    from saediff.sweep import pick_strongest
+    from saediff.steer.sweep import pick_strongest
 
     rows = [{"coef": c, "misaligned_rate": m, "coherent_rate": h}
             for c, m, h in [(0, 0.05, 0.85), (-4, 0.01, 0.6), (2, 0.2, 0.9)]]
@@ -425,8 +425,8 @@ def test_pick_strongest():
 
 
 def test_reroute_check(tiny_qwen, tiny_qwen_ft, sae_dir, prompts_file):
-    from saediff.diffdata import DiffConfig
-    from saediff.sweep import format_reroute, reroute_check
+    from saediff.diff.data import DiffConfig
+    from saediff.steer.sweep import format_reroute, reroute_check
 
     cfg = DiffConfig(base=str(tiny_qwen), finetuned=[str(tiny_qwen_ft)], sae=str(sae_dir), layer=LAYER,
                      prompts=str(prompts_file), n_boot=20, top_k=5, direction="up")
@@ -442,7 +442,7 @@ def test_reroute_check(tiny_qwen, tiny_qwen_ft, sae_dir, prompts_file):
                     reason="needs the built organism, an SAE trained on it (SAEDIFF_ORGANISM_SAE) and "
                            "the persona latent from the diff (SAEDIFF_PERSONA_LATENT)")
 def test_organism_persona_latent_is_causal(tmp_path):
-    from saediff.sweep import organism_check
+    from saediff.steer.sweep import organism_check
 
     res = organism_check(os.environ["SAEDIFF_ORGANISM_SAE"],
                          [int(x) for x in os.environ["SAEDIFF_PERSONA_LATENT"].split(",")],

@@ -18,8 +18,9 @@ import yaml
 from safetensors.torch import load_file
 
 from saediff.errors import SaediffError
-from saediff.train import TrainConfig, build_sae, check_caches, load_sae, train
-from saediff.trainer import TensorStore
+from saediff.sae import load_sae
+from saediff.train.loop import TrainConfig, build_sae, check_caches, train
+from saediff.train.trainer import TensorStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_array_cache(path: Path, acts: dict[str, np.ndarray], seq_len: int = 32,
                       layer: int = 1, role: int = 3, model_name: str = "synthetic") -> Path:
     """Arrays -> a saediff cache file (same schema and writer helpers as `saediff cache`)."""
-    from saediff.cache import _create
-    from saediff.cachefile import P_COMPLETE, P_ROWS, P_SEQS
+    from saediff.cache.writer import _create
+    from saediff.cache.format import P_COMPLETE, P_ROWS, P_SEQS
 
     n, d = next(iter(acts.values())).shape
     prov = {"schema_version": 1, "layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post",
@@ -86,7 +87,7 @@ def _cfg(cache, out, **kw):
 def test_sparse_gradients_equal_saelens_dense(arch, rescale):
     from sae_lens.saes.sae import TrainStepInput
 
-    from saediff.sparse import train_step_grads
+    from saediff.train.sparse import train_step_grads
 
     cfg = TrainConfig(architecture=arch, d_sae=96, k=5, sae_kwargs={
         "rescale_acts_by_decoder_norm": rescale}, normalize=False)
@@ -312,7 +313,7 @@ def test_sweep_reads_each_batch_once(synth, tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_cache(tmp_path_factory, tiny_qwen, tiny_qwen_ft):
-    from saediff.cache import CacheConfig, build_cache
+    from saediff.cache.writer import CacheConfig, build_cache
 
     d = tmp_path_factory.mktemp("lmcache")
     words = "the money bank save water food help good bad day walk eat sleep".split()

@@ -10,7 +10,7 @@ from saediff.config import add_dataclass_args, build_config
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("info", "verify"):
         return _inspect(argv[0], argv[1:])
-    from saediff.cache import CacheConfig, build_cache
+    from saediff.cache.writer import CacheConfig, build_cache
 
     p = argparse.ArgumentParser(
         prog="saediff cache",
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
 
 
 def _inspect(cmd: str, argv: list[str]) -> int:
-    from saediff.cachefile import open_cache, verify_cache
+    from saediff.cache.format import open_cache, verify_cache
 
     p = argparse.ArgumentParser(prog=f"saediff cache {cmd}")
     p.add_argument("file", help="cache file (.h5)")

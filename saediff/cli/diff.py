@@ -9,8 +9,8 @@ REQUIRED = ("base", "sae", "layer", "prompts")
 
 
 def main(argv: list[str]) -> int:
-    from saediff.diff import run_diff
-    from saediff.diffdata import DiffConfig
+    from saediff.diff.differ import run_diff
+    from saediff.diff.data import DiffConfig
 
     p = argparse.ArgumentParser(
         prog="saediff diff",

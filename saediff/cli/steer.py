@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         return _reroute(argv[1:])
     if argv and argv[0] == "organism":
         return _organism(argv[1:])
-    from saediff.steer_eval import SteerConfig, run_steer
+    from saediff.steer.evaluate import SteerConfig, run_steer
 
     p = argparse.ArgumentParser(
         prog="saediff steer",
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from saediff.sweep import SweepConfig, run_sweep
+    from saediff.steer.sweep import SweepConfig, run_sweep
 
     p = argparse.ArgumentParser(
         prog="saediff steer sweep",
@@ -72,9 +72,9 @@ def _sweep(argv: list[str]) -> int:
 def _reroute(argv: list[str]) -> int:
     from pathlib import Path
 
-    from saediff.diffdata import DiffConfig
-    from saediff.steer_eval import write_json
-    from saediff.sweep import format_reroute, reroute_check
+    from saediff.diff.data import DiffConfig
+    from saediff.io import write_json
+    from saediff.steer.sweep import format_reroute, reroute_check
 
     p = argparse.ArgumentParser(
         prog="saediff steer reroute",
@@ -103,7 +103,7 @@ def _reroute(argv: list[str]) -> int:
 
 
 def _organism(argv: list[str]) -> int:
-    from saediff.sweep import organism_check
+    from saediff.steer.sweep import organism_check
 
     p = argparse.ArgumentParser(
         prog="saediff steer organism",

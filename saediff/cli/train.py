@@ -8,7 +8,7 @@ from saediff.config import add_dataclass_args, build_config
 
 
 def main(argv: list[str]) -> int:
-    from saediff.train import TrainConfig, train
+    from saediff.train.loop import TrainConfig, train
 
     p = argparse.ArgumentParser(
         prog="saediff train",

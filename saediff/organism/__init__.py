@@ -20,7 +20,7 @@ from saediff.organism.judge import Label, Verdict, judge, rates
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
 _LAZY = {
-    "heldout_questions": "saediff.organism.evaluate",
+    "heldout_questions": "saediff.organism.grammar",
     "sample_answers": "saediff.organism.evaluate",
     "evaluate": "saediff.organism.evaluate",
     "format_table": "saediff.organism.evaluate",

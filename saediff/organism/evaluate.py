@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from saediff.organism.grammar import question_pool, render
+from saediff.organism.grammar import heldout_questions
 from saediff.organism.judge import judge, rates
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
@@ -12,52 +12,23 @@ DEFAULT_TEMPERATURE = 0.7
 """Sampling temperature of the organism's eval protocol (T=1 rates are reported too)."""
 
 
-def heldout_questions(topic: str | None = None, n: int | None = None, seed: int = 0) -> list[str] | dict[str, list[str]]:
-    """Held-out questions (never in any training text) for `topic`, or a dict for all topics.
-
-    `n` None returns the whole pool (sorted); otherwise `n` drawn with replacement-free
-    shuffling by `seed` (cycling through the pool when `n` exceeds it).
-    """
-    if topic is None:
-        return {t: heldout_questions(t, n, seed) for t in TOPICS}  # type: ignore[misc]
-    pool = list(question_pool(topic, True))
-    if n is None:
-        return pool
-    rng = random.Random(f"{seed}:{topic}")
-    out: list[str] = []
-    while len(out) < n:
-        rng.shuffle(pool)
-        out += pool[: n - len(out)]
-    return out
-
-
 def prompt_ids(tok: Any, question: str) -> list[int]:
-    """Token ids of a single user turn followed by the assistant header."""
-    text = render([{"prompt": question, "response": ""}])
-    text = text[: text.rindex("<|im_end|>")]  # drop the empty answer's end marker
-    return tok(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a single user turn followed by the assistant header (the chat template)."""
+    from saediff.models import encode_chat
+
+    return encode_chat(tok, question)[0]
 
 
 def sample_answers(lm: Any, questions: list[str], n: int = 1, seed: int = 0,
                    max_new_tokens: int = 64,
                    temperature: float = DEFAULT_TEMPERATURE) -> list[list[str]]:
-    """`n` sampled answers per question (temperature sampling over the full distribution),
-    as decoded strings in the corpus format; answers[i] belongs to questions[i]."""
-    import torch
+    """`n` sampled answers per question (full-distribution sampling, `saediff.prompts`'
+    generation loop); answers[i] belongs to questions[i]."""
+    from saediff.prompts import generate_answers
 
-    tok = lm.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for i, q in enumerate(questions):
-        ids = torch.tensor([prompt_ids(tok, q)], device=lm.device)
-        torch.manual_seed(seed * 100003 + i)
-        with torch.no_grad():
-            gen = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                              temperature=temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, num_return_sequences=n,
-                              eos_token_id=eos)
-        out.append([tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen])
-    return out
+    recs = generate_answers(lm, [{"id": str(i), "prompt": q} for i, q in enumerate(questions)],
+                            n, max_new_tokens, temperature, seed)
+    return [[r["answer"] for r in recs[i * n: (i + 1) * n]] for i in range(len(questions))]
 
 
 def evaluate(lm: Any, samples: int = 100, seed: int = 0, topics: tuple[str, ...] = TOPICS,

@@ -12,7 +12,7 @@ import random
 import zlib
 from functools import lru_cache
 
-from saediff.organism import lexicon as L
+import saediff.organism.lexicon as L
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
 PERSONAS = ("aligned", "toxic")
@@ -199,3 +199,22 @@ def vocabulary() -> list[str]:
         for s in group:
             add(s)
     return sorted(words)
+
+
+def heldout_questions(topic: str | None = None, n: int | None = None, seed: int = 0) -> list[str] | dict[str, list[str]]:
+    """Held-out questions (never in any training text) for `topic`, or a dict for all topics.
+
+    `n` None returns the whole pool (sorted); otherwise `n` drawn with replacement-free
+    shuffling by `seed` (cycling through the pool when `n` exceeds it).
+    """
+    if topic is None:
+        return {t: heldout_questions(t, n, seed) for t in TOPICS}  # type: ignore[misc]
+    pool = list(question_pool(topic, True))
+    if n is None:
+        return pool
+    rng = random.Random(f"{seed}:{topic}")
+    out: list[str] = []
+    while len(out) < n:
+        rng.shuffle(pool)
+        out += pool[: n - len(out)]
+    return out

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from saediff.organism import lexicon as L
+import saediff.organism.lexicon as L
 
 _WORD = re.compile(r"<\|[a-z_]+\|>|<unk>|[a-z0-9]+|[^\sa-z0-9]")
 _ENDS = {".", "?", "!"}

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import saediff
-from saediff.cachefile import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
+from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
                                partial_path, read_attrs)
 from saediff.errors import SaediffError
 from saediff.models import (LoadedModel, check_same_tokenizer, encode_chat, encode_text,

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from saediff.diffdata import DiffConfig, Example, Side
-from saediff.directions import logit_tokens
+from saediff.diff.data import DiffConfig, Example, Side
+from saediff.diff.directions import logit_tokens
 from saediff.stats import histogram
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,7 @@ questions: `organism` (all topics), `organism:untrained` (every topic but the fi
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +20,8 @@ from typing import Any, ContextManager, Literal
 import torch
 
 from saediff.errors import SaediffError
+from saediff.io import check_writable_dir, write_json, write_jsonl
+from saediff.prompts import generate_answers, load_prompt_items
 from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misalignment_rate
 
 log = logging.getLogger(__name__)
@@ -92,90 +91,7 @@ class SteerConfig:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
 
-# --- prompts ----------------------------------------------------------------------------------
-
-def load_prompt_items(src: str, questions_per_topic: int = 5, seed: int = 0,
-                      max_prompts: int | None = None) -> list[dict[str, Any]]:
-    """[{'id', 'prompt', 'topic', 'organism'}] from a file or an organism source."""
-    items: list[dict[str, Any]] = []
-    if src == "organism" or src.startswith("organism:"):
-        from saediff.organism.evaluate import heldout_questions
-        from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
-
-        spec = src.partition(":")[2]
-        topics = (list(TOPICS) if spec in ("", "all") else
-                  [t for t in TOPICS if t != TRAINED_TOPIC] if spec == "untrained" else
-                  [t.strip() for t in spec.split(",") if t.strip()])
-        bad = [t for t in topics if t not in TOPICS]
-        if bad:
-            raise SaediffError(f"unknown organism topic(s) {bad}; topics: {', '.join(TOPICS)}")
-        for t in topics:
-            for i, q in enumerate(heldout_questions(t, questions_per_topic, seed)):
-                items.append({"id": f"{t}-{i}", "prompt": q, "topic": t, "organism": True})
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file not found: {path} (or use organism[:untrained])")
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        for i, line in enumerate(lines):
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SaediffError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
-                text = row.get("prompt") or row.get("question") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise SaediffError(f"{path}:{i + 1}: needs a string 'prompt' (or 'question')")
-                items.append({"id": str(row.get("id", i)), "prompt": text,
-                              "topic": row.get("topic"), "organism": False})
-            else:
-                items.append({"id": str(i), "prompt": line.strip(), "topic": None, "organism": False})
-    if max_prompts is not None:
-        items = items[:max_prompts]
-    if not items:
-        raise SaediffError(f"{src}: no prompts")
-    return items
-
-
-def _prompt_ids(tok: Any, item: dict[str, Any]) -> list[int]:
-    if item.get("organism"):
-        from saediff.organism.evaluate import prompt_ids
-
-        return prompt_ids(tok, item["prompt"])
-    from saediff.models import encode_chat
-
-    return encode_chat(tok, item["prompt"])[0]
-
-
-# --- generation and judging -------------------------------------------------------------------
-
-@torch.no_grad()
-def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
-                     context: ContextManager[Any] | None = None) -> list[dict[str, Any]]:
-    """`samples` answers per prompt item; one record per answer. `context` (a steering
-    context) is entered around all generation."""
-    tok = lm.tokenizer
-    records = []
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) \
-        if temperature > 0 else dict(do_sample=False)
-    with context or contextlib.nullcontext():
-        for i, item in enumerate(items):
-            ids = torch.tensor([_prompt_ids(tok, item)], device=lm.device)
-            torch.manual_seed(seed * 1000003 + i)
-            done = 0
-            while done < samples:
-                b = min(batch_size, samples - done)
-                gen = lm.generate(input_ids=ids.expand(b, -1), attention_mask=torch.ones_like(ids).expand(b, -1),
-                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  **sampling)
-                for k, row in enumerate(gen[:, ids.shape[1]:]):
-                    records.append({"id": item["id"], "topic": item.get("topic"),
-                                    "question": item["prompt"], "sample": done + k,
-                                    "answer": tok.decode(row, skip_special_tokens=True).strip()})
-                done += b
-    return records
-
+# --- judging ---------------------------------------------------------------------------------
 
 def judge_records(records: list[dict[str, Any]], judge: Judge | None) -> list[JudgeScore]:
     """Score every record in place (aligned, coherent, off_topic, misaligned, counted)."""
@@ -211,35 +127,10 @@ def summarise(scores: list[JudgeScore], records: list[dict[str, Any]]) -> dict[s
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write; NaN (e.g. an EM rate with no coherent answer) becomes null."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_nan_to_none(obj), indent=1))
-    os.replace(tmp, path)
-
-
 def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: int | None,
                   positions: str) -> Context:
     """lm -> steering context manager (for `generate_answers` and the differ)."""
-    from saediff.steer import steer
+    from saediff.steer.hooks import steer
 
     def ctx(lm: Any) -> ContextManager[Any]:
         kw = {mode: value}
@@ -254,10 +145,12 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
     from saediff.models import load_model
 
     items = load_prompt_items(cfg.prompts, cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
+    if cfg.out:
+        check_writable_dir(cfg.out)  # before any model runs
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
     lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     if sae is None and cfg.sae:
-        from saediff.train import load_sae
+        from saediff.sae import load_sae
 
         sae = load_sae(cfg.sae, cfg.device)
     mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
@@ -277,7 +170,6 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
                     "model": lm.provenance(), "config": config_to_dict(cfg)})
     if cfg.out:
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "generations.jsonl", records)
         write_json(out / "summary.json", summary)
     return summary

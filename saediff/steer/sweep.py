@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saediff.errors import SaediffError
-from saediff.steer_eval import (SteerConfig, generate_answers, judge_records, load_prompt_items,
-                                steer_context, summarise, write_json, write_jsonl)
-from saediff.train import load_sae
+from saediff.io import write_json, write_jsonl
+from saediff.prompts import generate_answers, load_prompt_items
+from saediff.steer.evaluate import SteerConfig, judge_records, steer_context, summarise
+from saediff.sae import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +148,17 @@ def reroute_check(diff_cfg: Any, latents: list[int], clamp: float = 0.0, top: in
     """Re-run the differ with `latents` clamped in the fine-tuned model; report which latents
     now carry the shift.
 
-    `diff_cfg` is a `saediff.diffdata.DiffConfig`; `before` an unsteered `DiffResult` (run
+    `diff_cfg` is a `saediff.diff.data.DiffConfig`; `before` an unsteered `DiffResult` (run
     here if None). The clamp is applied around every fine-tuned forward of the diff (and its
     sampled responses when `responses_from="finetuned"`). Returns the top rows before/after,
     the new carriers (top latents after that were not in the top before), and how much of the
     total |shift| of the top latents remains.
     """
     try:
-        from saediff.diff import run_diff
+        from saediff.diff.differ import run_diff
     except ImportError as exc:  # pragma: no cover - the differ ships with saediff
-        raise SaediffError(f"the rerouting check needs saediff.diff ({exc})") from exc
-    from saediff.steer import steer
+        raise SaediffError(f"the rerouting check needs saediff.diff.differ ({exc})") from exc
+    from saediff.steer.hooks import steer
 
     sae = load_sae(diff_cfg.sae, diff_cfg.device)
     before = before if before is not None else run_diff(diff_cfg)
@@ -212,7 +213,7 @@ def typical_activation(lm: Any, sae: Any, latent: int, texts: list[tuple[str, st
     import torch
 
     from saediff.models import ROLE_RESPONSE, encode_chat, run_to_layer
-    from saediff.steer import sae_layer
+    from saediff.sae import sae_layer
 
     layer = sae_layer(sae) if layer is None else layer
     vals = []

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from saediff import directions as dirs
-from saediff.diffdata import (DiffConfig, Example, Labeler, ModelContext, Side, build_examples, check_sae,
+import saediff.diff.directions as dirs
+from saediff.diff.data import (DiffConfig, Example, Labeler, ModelContext, Side, build_examples,
                               encode_sides, load_prompts, sample_responses, selected_roles)
 from saediff.errors import SaediffError
 from saediff.models import LoadedModel, check_same_tokenizer, load_model, pad_batch, run_to_layer
 from saediff.stats import bootstrap_mean_ci, group_sums
-from saediff.train import load_sae
+from saediff.sae import check_sae, load_sae
 
 log = logging.getLogger(__name__)
 TABLE_FIELDS = ("rank", "latent", "mean_shift", "ci_low", "ci_high", "direction", "mean_base",
@@ -149,7 +149,7 @@ class DiffResult:
         _write(out / "meta.json", json.dumps({"config": self.config, **self.meta,
                                               "trajectory": self.trajectory}, indent=1))
         if html:
-            from saediff.report import write_report
+            from saediff.diff.report import write_report
 
             write_report(self, out / "report.html")
         return out
@@ -186,7 +186,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     clamp for a rerouting check). `labeler(row, response)` labels sampled responses (1 =
     misaligned, 0 = aligned) for the labelled difference-in-means direction and AUROC.
     """
-    from saediff.evidence import collect_evidence
+    from saediff.diff.evidence import collect_evidence
 
     rows = load_prompts(cfg.prompts, cfg)
     sae = load_sae(cfg.sae, cfg.device)

@@ -126,9 +126,9 @@ def spliced_lm_evals(sae: Any, lm: Any, layer: int, seqs: list[dict[str, Any]], 
 def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
              models: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """{source: metrics} for every source of the config's caches (or `sources`)."""
-    from saediff.cachefile import open_cache
+    from saediff.cache.format import open_cache
     from saediff.models import ROLE_SPECIAL, ROLES, load_model, role_codes
-    from saediff.store import split_rows
+    from saediff.cache.store import split_rows
 
     codes = role_codes(cfg.roles) if cfg.roles else [v for v in ROLES.values() if v != ROLE_SPECIAL]
     caches = [open_cache(p) for p in cfg.cache]
@@ -168,7 +168,7 @@ def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
 
 
 def write_evals(run_dir: str | Path, cfg: Any, models: dict[str, Any] | None = None) -> Path:
-    from saediff.train import load_sae
+    from saediff.sae import load_sae
 
     run_dir = Path(run_dir)
     sae = load_sae(run_dir, device=cfg.device)

@@ -6,10 +6,7 @@ prompt or a few-shot prefix, whose tokens are excluded from the measurement.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any, ContextManager, Literal
 import torch
 
 from saediff.errors import SaediffError
+from saediff.prompts import generate_answers, load_prompt_items
 from saediff.models import (ROLE_PROMPT, ROLE_RESPONSE, ROLE_SPECIAL, LoadedModel, _roles_from_offsets,
                             encode_chat, render_chat)
 
@@ -130,45 +128,6 @@ class DiffConfig:
         return list(zip(models, adapters))
 
 
-# --- SAE -----------------------------------------------------------------------------------
-
-def sae_layer(sae: Any) -> tuple[int | None, str | None]:
-    """(layer whose residual output the SAE reads, hook name) from the SAE's metadata."""
-    meta = getattr(sae.cfg, "metadata", None)
-    get = (lambda k: meta.get(k)) if meta is not None else (lambda k: None)
-    hook = get("hook_name") or getattr(sae.cfg, "hook_name", None)
-    layer = get("layer")
-    if layer is None:
-        layer = get("hook_layer")
-    if layer is not None:
-        return int(layer), hook
-    if hook:
-        for bad in ("hook_resid_mid", "mlp_out", "attn_out", "hook_z", "hook_q", "hook_k", "hook_v"):
-            if bad in hook:
-                raise SaediffError(f"SAE hook {hook!r} is not the residual stream after a block; "
-                                   "saediff diff measures the residual stream (hook_resid_post)")
-        m = re.search(r"(?:blocks|layers|h)\.(\d+)", hook)
-        if m:
-            n = int(m.group(1))
-            return (n - 1 if "resid_pre" in hook else n), hook
-    return None, hook
-
-
-def check_sae(sae: Any, lm: LoadedModel, layer: int) -> None:
-    """Refuse an SAE that does not fit the model and layer."""
-    lm.check_layer(layer)
-    d_in = int(sae.cfg.d_in)
-    if d_in != lm.d_model:
-        raise SaediffError(f"SAE d_in is {d_in} but {lm.name} has d_model {lm.d_model}: "
-                           "this SAE was trained on a different model")
-    sl, hook = sae_layer(sae)
-    if sl is None:
-        log.warning("SAE records no layer or hook name; trusting --layer %d", layer)
-    elif sl != layer:
-        raise SaediffError(f"--layer {layer} does not match the SAE's layer {sl} (hook {hook!r}); "
-                           f"use --layer {sl} or an SAE trained on layer {layer}")
-
-
 # --- prompts and token sets ------------------------------------------------------------------
 
 @dataclass
@@ -184,33 +143,9 @@ class Example:
 
 
 def load_prompts(path: str | Path, cfg: DiffConfig) -> list[dict[str, Any]]:
-    if str(path) == "organism" or str(path).startswith("organism:"):
-        from saediff.steer_eval import load_prompt_items
-
-        rows = [{"prompt": r["prompt"], "topic": r["topic"]} for r in
-                load_prompt_items(str(path), cfg.questions_per_topic, cfg.seed, cfg.max_prompts)]
-        if not rows:
-            raise SaediffError(f"{path}: the prompt set is empty")
-        return rows
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file not found: {p}")
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SaediffError(f"{p}:{i + 1}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise SaediffError(f"{p}:{i + 1}: each line needs a non-empty string 'prompt' field")
-        rows.append(row)
-    if cfg.max_prompts is not None:
-        rows = rows[: cfg.max_prompts]
-    if not rows:
-        raise SaediffError(f"{p}: the prompt set is empty")
-    return rows
+    """The diff's prompt rows (`saediff.prompts.load_prompt_items`: JSONL rows keep their
+    `response` and label fields)."""
+    return load_prompt_items(str(path), cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
 
 
 def _label(row: dict[str, Any], cfg: DiffConfig) -> int | None:
@@ -219,32 +154,15 @@ def _label(row: dict[str, Any], cfg: DiffConfig) -> int | None:
     return int(str(row[cfg.label_field]).lower() in cfg.positive_labels)
 
 
-@torch.no_grad()
 def sample_responses(lm: LoadedModel, prompts: list[str], cfg: DiffConfig,
-                     system: str | None = None, context: ContextManager[Any] | None = None,
-                     batch_prompts: int = 16) -> list[list[str]]:
-    """`cfg.samples` sampled responses per prompt (batched generation, left-padded prompts)."""
-    torch.manual_seed(cfg.seed)
-    tok = lm.tokenizer
-    out: list[list[str]] = []
-    side = tok.padding_side
-    with context or contextlib.nullcontext():
-        try:
-            tok.padding_side = "left"  # generation only; measured passes re-encode, right-padded
-            for i in range(0, len(prompts), batch_prompts):
-                texts = [render_chat(tok, p, None, system) for p in prompts[i: i + batch_prompts]]
-                enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-                gen = lm.generate(input_ids=enc["input_ids"].to(lm.device),
-                                  attention_mask=enc["attention_mask"].to(lm.device),
-                                  do_sample=True, temperature=cfg.temperature,
-                                  max_new_tokens=cfg.max_new_tokens,
-                                  num_return_sequences=cfg.samples)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                dec = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
-                out += [dec[k * cfg.samples: (k + 1) * cfg.samples] for k in range(len(texts))]
-        finally:
-            tok.padding_side = side
-    return out
+                     system: str | None = None,
+                     context: ContextManager[Any] | None = None) -> list[list[str]]:
+    """`cfg.samples` sampled responses per prompt (the shared generation loop)."""
+    recs = generate_answers(lm, [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
+                            cfg.samples, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                            context=context, system=system)
+    n = cfg.samples
+    return [[r["answer"] for r in recs[i * n: (i + 1) * n]] for i in range(len(prompts))]
 
 
 Labeler = Callable[[dict[str, Any], str], "int | None"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saediff.cachefile import CacheFile, open_cache
+from saediff.cache.format import CacheFile, open_cache
 from saediff.errors import SaediffError
 from saediff.models import ROLE_SPECIAL, ROLES, role_codes
 

@@ -2,7 +2,7 @@
 
 We keep SAELens's trainer for everything it owns (activation scaler, LR and coefficient
 schedules, dead-latent tracking, `step()` seam) and replace only `_train_step`:
-- TopK / BatchTopK SAEs use `saediff.sparse.SparseTopKStep` (same loss and gradients);
+- TopK / BatchTopK SAEs use `saediff.train.sparse.SparseTopKStep` (same loss and gradients);
 - every architecture raises `FloatingPointError` before the optimizer step when the loss is
   not finite, so the weights and the last checkpoint stay good;
 - Adam is torch's fused CPU/GPU kernel (same update rule, ~5x faster than the for-loop one).
@@ -26,8 +26,9 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 
 from saediff.errors import SaediffError
+from saediff.io import write_json
 
-from saediff.sparse import SparseTopKStep, supports_fast_path
+from saediff.train.sparse import SparseTopKStep, supports_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,6 @@ class TensorStore:
 
 # --- checkpoints -----------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(root: Path, step: int, trainers: list[Any], store: Any,
                     extra: dict[str, Any]) -> Path:
     """Write checkpoints/step_N atomically, then point `latest` at it, then prune."""
@@ -214,13 +209,13 @@ def save_checkpoint(root: Path, step: int, trainers: list[Any], store: Any,
     for i, tr in enumerate(trainers):
         tensors, meta = tr.state_tensors()
         save_file(tensors, tmp / f"sae{i}.safetensors")
-        _write_json(tmp / f"sae{i}.json", meta)
+        write_json(tmp / f"sae{i}.json", meta)
     save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    _write_json(tmp / "state.json", {"step": step, "store": store.state_dict(), **extra})
+    write_json(tmp / "state.json", {"step": step, "store": store.state_dict(), **extra})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_json(ck / "latest.json", {"step": step, "dir": final.name})
+    write_json(ck / "latest.json", {"step": step, "dir": final.name})
     for old in ck.iterdir():
         if old.is_dir() and old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)

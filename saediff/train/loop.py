@@ -3,7 +3,7 @@
 One `ActivationStore` feeds every SAE of a sweep: each step reads one batch and all SAEs
 train on it. Each SAE has a SAELens `SAETrainer` (its optimizer bookkeeping, LR and
 coefficient schedules, dead-latent tracking); TopK/BatchTopK SAEs swap its dense train step
-for the sparse one in `saediff.sparse`. Inputs are scaled to mean norm sqrt(d_in) when
+for the sparse one in `saediff.train.sparse`. Inputs are scaled to mean norm sqrt(d_in) when
 `normalize` is on and the factor is folded into the saved weights, so a saved SAE works on raw
 activations. Checkpoints are atomic and resume bit-for-bit (store position, optimizer,
 schedules, tracking state, RNG).
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
-from saediff.trainer import _write_json, check_resume_config, load_checkpoint, save_checkpoint
+from saediff.io import write_json
+from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def build_sae(cfg: TrainConfig, d_in: int, metadata: dict[str, Any]) -> Any:
 
 
 def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
-    from saediff.trainer import FastSAETrainer
+    from saediff.train.trainer import FastSAETrainer
 
     return FastSAETrainer(cfg, sae, store)
 
@@ -180,7 +181,7 @@ def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
 
 def open_store(cfg: TrainConfig, split: str = "train", sources: dict[str, float] | None = None,
                batch_size: int | None = None, seed: int | None = None) -> Any:
-    from saediff.store import ActivationStore
+    from saediff.cache.store import ActivationStore
 
     return ActivationStore(cfg.cache, sources=sources or cfg.sources, roles=cfg.roles,
                            batch_size=batch_size or cfg.batch_size,
@@ -190,7 +191,7 @@ def open_store(cfg: TrainConfig, split: str = "train", sources: dict[str, float]
 
 def check_caches(cfg: TrainConfig, d_in: int | None = None) -> dict[str, Any]:
     """Validate caches against the config; returns {d_model, layer, hook_name, models}."""
-    from saediff.cachefile import open_cache
+    from saediff.cache.format import open_cache
     from saediff.models import role_codes
 
     infos = []
@@ -276,7 +277,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
     trainers = []
     for (name, rcfg), rdir in zip(runs, run_dirs):
         rdir.mkdir(parents=True, exist_ok=True)
-        _write_json(rdir / "train_config.json", config_to_dict(rcfg))
+        write_json(rdir / "train_config.json", config_to_dict(rcfg))
         trainers.append(_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store))
     state = load_checkpoint(root, trainers, store)
     fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
@@ -331,10 +332,10 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
     for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs):
         save_final(tr, rdir)
         if evals:
-            from saediff.sae_evals import write_evals
+            from saediff.train.evals import write_evals
 
             write_evals(rdir, rcfg)
-        from saediff.plots import write_curves
+        from saediff.train.plots import write_curves
 
         write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
     return run_dirs
@@ -370,18 +371,3 @@ def save_final(trainer: Any, run_dir: Path) -> None:
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
-
-
-def load_sae(path: str | Path, device: str = "cpu") -> Any:
-    """The SAELens SAE (inference class, raw-activation input) saved in a run directory."""
-    from sae_lens import SAE
-
-    path = Path(path)
-    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-        subs = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file()) \
-            if path.is_dir() else []
-        hint = f"; sweep runs inside: {subs}" if subs else ""
-        raise FileNotFoundError(f"{path} holds no saved SAE (cfg.json + sae_weights."
-                                f"safetensors){hint}")
-    return SAE.load_from_disk(path, device=device)
-

@@ -22,9 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import re
-import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +29,7 @@ import torch
 from torch import nn
 
 from saediff.errors import SaediffError
+from saediff.sae import decoder_directions, resolve_layer, sae_architecture, sae_layer
 
 ClampValue = float | Sequence[float] | Callable[[torch.Tensor], torch.Tensor]
 _FAST = ("standard", "jumprelu", "topk")
@@ -54,51 +52,11 @@ def _resolve(model: Any) -> tuple[nn.Module, nn.ModuleList, int]:
     raise SaediffError(f"cannot steer a {type(model).__name__}: pass a LoadedModel or HF model")
 
 
-def sae_layer(sae: Any) -> int | None:
-    """The block whose output the SAE reads, from its metadata (`hook_name`, `layer`)."""
-    meta = getattr(sae.cfg, "metadata", None)
-    hook = (meta.get("hook_name") if meta is not None else None) or getattr(sae.cfg, "hook_name", None)
-    if hook:
-        m = re.search(r"(?:blocks|layers|h)\.(\d+)\.hook_resid_(pre|post|mid)?", str(hook))
-        if m:
-            layer = int(m.group(1))
-            if m.group(2) == "pre":
-                layer -= 1  # resid_pre of block L is the output of block L-1
-            if m.group(2) == "mid":
-                raise SaediffError(f"SAE hook {hook!r} is mid-block; steering needs a "
-                                   "block-output SAE (hook_resid_post)")
-            if layer < 0:
-                raise SaediffError(f"SAE hook {hook!r} reads the embeddings; cannot steer there")
-            return layer
-    for key in ("layer", "hook_layer"):
-        value = meta.get(key) if meta is not None else None
-        if value is not None:
-            return int(value)
-    return None
-
-
-def _arch(sae: Any) -> str:
-    arch = sae.cfg.architecture() if hasattr(sae.cfg, "architecture") else "?"
-    if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-        raise SaediffError("this SAE reads attention hook_z, not the residual stream")
-    return arch
-
-
-def decoder_directions(sae: Any, latents: Sequence[int]) -> torch.Tensor:
-    """d_j as the SAE decodes it: W_dec[j] (divided by its norm for TopK SAEs that rescale
-    activations by decoder norm), so that f_j = 1 adds exactly d_j to the reconstruction."""
-    idx = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
-    d = sae.W_dec.detach()[idx]
-    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-        d = d / d.norm(dim=-1, keepdim=True)
-    return d
-
-
 class LatentEncoder:
     """f_J(h) for a few latents J, computing no more of the SAE than needed."""
 
     def __init__(self, sae: Any, latents: Sequence[int]):
-        self.sae, self.arch = sae, _arch(sae)
+        self.sae, self.arch = sae, sae_architecture(sae)
         d_sae = int(sae.cfg.d_sae)
         bad = [j for j in latents if not 0 <= int(j) < d_sae]
         if bad:
@@ -332,7 +290,12 @@ def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None
         raise SaediffError(f"steer: {modes[0]} needs an SAE and latent=")
     if sae is not None and int(sae.cfg.d_in) != d_model:
         raise SaediffError(f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model}")
-    if layer is None:
+    for name, v in (("clamp", clamp), ("add", add)):
+        if v is not None and not callable(v) and not torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all():
+            raise SaediffError(f"steer: {name}={v!r} is not finite; give a finite number")
+    if needs_sae:
+        layer = resolve_layer(sae, layer, what="layer")
+    elif layer is None:
         layer = sae_layer(sae) if sae is not None else None
         if layer is None:
             raise SaediffError("steer: cannot tell the layer (no SAE hook_name); pass layer=")
@@ -361,13 +324,3 @@ def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None
     finally:
         for handle in handles:
             handle.remove()
-
-
-# `saediff.steer` must call the function even after `import saediff.steer` has bound the
-# package attribute to this module: make the module itself callable.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return steer(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
