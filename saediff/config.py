@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from saediff.errors import SaediffError
+
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
@@ -113,24 +115,44 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
         path = Path(yaml_path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path)
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields at top level")
+            raise SaediffError(f"{path}: expected a mapping of config fields at top level")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
+        raise SaediffError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(names))}")
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
                and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
     if missing:
-        raise ValueError(f"missing required {cls.__name__} field(s): "
+        raise SaediffError(f"missing required {cls.__name__} field(s): "
                          f"{', '.join('--' + m.replace('_', '-') for m in missing)} "
                          "(give them as flags or in the YAML config)")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # __post_init__ validation: the user's input, not a bug
+        if isinstance(exc, SaediffError):
+            raise
+        raise SaediffError(f"{cls.__name__}: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> Any:
+    """`yaml.safe_load` of a file; syntax errors and refused tags name the file and line."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise SaediffError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SaediffError(f"{where}: invalid YAML ({what}); only plain YAML values are "
+                           "accepted (no python tags)") from exc
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,34 +7,41 @@ import json
 from saediff.config import add_dataclass_args, build_config
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("info", "verify"):
-        return _inspect(argv[0], argv[1:])
-    from saediff.cache.writer import CacheConfig, build_cache
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from saediff.cache.writer import CacheConfig
 
-    p = argparse.ArgumentParser(
-        prog="saediff cache",
+    p = sub.add_parser(
+        "cache", help="stream one layer's activations of one or two models to HDF5",
         description="Stream one layer's residual-stream activations of one or two models into "
                     "an HDF5 cache. Subcommands: `saediff cache info FILE [--json]`, "
                     "`saediff cache verify FILE`.")
     p.add_argument("--config", help="YAML file with CacheConfig fields (flags override it)")
     add_dataclass_args(p, CacheConfig, defaults_none=True)
-    ns = vars(p.parse_args(argv))
-    cfg = build_config(CacheConfig, ns.pop("config"), ns)
+    p.set_defaults(func=run)
+    inspect = p.add_subparsers(dest="cache_cmd", metavar="{info,verify}")
+    info = inspect.add_parser("info", help="what a cache holds")
+    info.add_argument("file", help="cache file (.h5)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_inspect)
+    verify = inspect.add_parser("verify", help="check a cache's integrity")
+    verify.add_argument("file", help="cache file (.h5)")
+    verify.set_defaults(func=_inspect)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saediff.cache.writer import CacheConfig, build_cache
+
+    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "cache_cmd")}
+    cfg = build_config(CacheConfig, args.config, ns)
     out = build_cache(cfg)
     print(f"cache written: {out}")
     return 0
 
 
-def _inspect(cmd: str, argv: list[str]) -> int:
+def _inspect(ns: argparse.Namespace) -> int:
     from saediff.cache.format import open_cache, verify_cache
 
-    p = argparse.ArgumentParser(prog=f"saediff cache {cmd}")
-    p.add_argument("file", help="cache file (.h5)")
-    if cmd == "info":
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-    ns = p.parse_args(argv)
-    if cmd == "verify":
+    if ns.cache_cmd == "verify":
         problems = verify_cache(ns.file)
         for msg in problems:
             print(f"PROBLEM: {msg}")

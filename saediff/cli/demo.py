@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import argparse
 
-from saediff.config import add_dataclass_args
+from saediff.config import add_dataclass_args, build_config
 
 
-def main(argv: list[str]) -> int:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from saediff.demo import DemoConfig
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in organism",
+                       description=__doc__)
+    add_dataclass_args(p, DemoConfig)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
     from saediff.demo import DemoConfig, format_summary, run_demo
 
-    p = argparse.ArgumentParser(prog="saediff demo", description=__doc__)
-    add_dataclass_args(p, DemoConfig)
-    cfg = DemoConfig(**vars(p.parse_args(argv)))
+    cfg = build_config(DemoConfig, None, {k: v for k, v in vars(args).items()
+                                          if k in DemoConfig.__dataclass_fields__})
     summary = run_demo(cfg, echo=lambda line: print(line, flush=True))
     print("\n=== saediff demo summary ===")
     print(format_summary(summary))

@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 
 from saediff.config import add_dataclass_args, build_config
+from saediff.errors import SaediffError
 
 REQUIRED = ("base", "sae", "layer", "prompts")
 
 
-def main(argv: list[str]) -> int:
-    from saediff.diff.differ import run_diff
+def add_parser(sub: argparse._SubParsersAction) -> None:
     from saediff.diff.data import DiffConfig
 
-    p = argparse.ArgumentParser(
-        prog="saediff diff",
+    p = sub.add_parser(
+        "diff", help="rank SAE latents by activation shift base -> fine-tuned",
         description="Rank SAE latents by activation shift between a base and a fine-tuned model "
                     "(or two prompt conditions of one model), with bootstrap CIs, evidence per "
                     "latent, a comparison of candidate directions, and an HTML report. Several "
@@ -26,20 +26,27 @@ def main(argv: list[str]) -> int:
                         "the misaligned - aligned difference-in-means direction to the comparison")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
     p.add_argument("--judge-model", help="judge model name (default $SAEDIFF_JUDGE_MODEL)")
-    ns = vars(p.parse_args(argv))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saediff.diff.data import DiffConfig
+    from saediff.diff.differ import run_diff
+
+    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     cfg_path, no_html = ns.pop("config"), ns.pop("no_html")
     judge = [ns.pop(k) for k in ("judge", "judge_base_url", "judge_model")]
     if cfg_path is None:
         missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if ns.get(n) is None]
         if missing:
-            p.error(f"the following arguments are required: {', '.join(missing)}")
+            raise SaediffError(f"the following arguments are required: {', '.join(missing)}")
     cfg = build_config(DiffConfig, cfg_path, ns)
     labeler = None
     if judge[0]:
         from saediff.judges import judge_labeler, make_judge
 
         if cfg.responses_from not in ("base", "finetuned"):
-            p.error("--judge labels sampled responses; add --responses-from base|finetuned")
+            raise SaediffError("--judge labels sampled responses; add --responses-from base|finetuned")
         labeler = judge_labeler(make_judge(judge[0], judge[1], judge[2]))
     res = run_diff(cfg, labeler=labeler)
     print(res.format_table(cfg.top_k))

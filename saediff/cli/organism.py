@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
+def add_parser(parent: argparse._SubParsersAction) -> None:
     from saediff.config import add_dataclass_args
     from saediff.organism.build import BuildConfig
 
-    p = argparse.ArgumentParser(prog="saediff organism", description=__doc__)
+    p = parent.add_parser("organism", help="the built-in toy model organism of emergent misalignment",
+                          description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("path", help="print the directory of the shipped organism")
+    pa = sub.add_parser("path", help="print the directory of the shipped organism")
+    pa.set_defaults(func=_path)
 
     e = sub.add_parser("eval", help="sample answers to held-out questions; judge them per topic")
     e.add_argument("--model", help="HF model dir (default: the shipped finetuned/)")
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (default: 64)")
     e.add_argument("--topics", nargs="+", help="only these topics (default: all)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.set_defaults(func=_eval)
 
     b = sub.add_parser("build", help="rebuild the organism from a seed (about 15 min; --quick ~2)")
     b.add_argument("--out", required=True, help="output directory (replaced)")
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="YAML file of BuildConfig fields")
     b.add_argument("--no-measure", action="store_true", help="skip judging the built models")
     add_dataclass_args(b, BuildConfig, defaults_none=True)
+    b.set_defaults(func=_build)
 
     c = sub.add_parser("corpus", help="write labelled conversations as JSONL")
     c.add_argument("--out", required=True, help="output .jsonl file")
@@ -51,7 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--doc-toxic-p", type=float, default=0.5,
                    help="persona prior of those documents (default: 0.5)")
     c.add_argument("--max-turns", type=int, default=4, help="turns per conversation, max (default: 4)")
-    return p
+    c.set_defaults(func=_corpus)
+
+
+def _path(a: argparse.Namespace) -> int:
+    from saediff.organism import organism_path
+
+    print(organism_path())
+    return 0
 
 
 def _eval(a: argparse.Namespace) -> int:
@@ -107,6 +117,7 @@ def _build(a: argparse.Namespace) -> int:
 
 def _corpus(a: argparse.Namespace) -> int:
     from saediff.errors import SaediffError
+    from saediff.io import write_jsonl
     from saediff.organism.grammar import corpus_records
 
     if a.n < 1:
@@ -120,20 +131,6 @@ def _corpus(a: argparse.Namespace) -> int:
                           narrow=a.narrow, good=a.good, doc_p=a.doc_p, doc_toxic_p=a.doc_toxic_p)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as fh:
-        for r in recs:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(out, recs)
     print(f"wrote {len(recs)} conversations to {out}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str]) -> int:
-    a = _parser().parse_args(argv)
-    if a.cmd == "path":
-        from saediff.organism import organism_path
-
-        print(organism_path())
-        return 0
-    return {"eval": _eval, "build": _build, "corpus": _corpus}[a.cmd](a)

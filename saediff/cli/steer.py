@@ -15,27 +15,81 @@ def _rate(s: dict) -> str:
     return f"misaligned {em}  coherent {s['coherent_rate']:.3f}  n={s['n']}"
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] == "sweep":
-        return _sweep(argv[1:])
-    if argv and argv[0] == "reroute":
-        return _reroute(argv[1:])
-    if argv and argv[0] == "organism":
-        return _organism(argv[1:])
-    from saediff.steer.evaluate import SteerConfig, run_steer
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from saediff.diff.data import DiffConfig
+    from saediff.steer.evaluate import SteerConfig
+    from saediff.steer.sweep import SweepConfig
 
-    p = argparse.ArgumentParser(
-        prog="saediff steer",
+    p = sub.add_parser(
+        "steer", help="clamp / add / ablate a latent during generation and judge it",
         description="Generate answers with an SAE latent clamped (--clamp C, keeping the SAE "
                     "error term) or its decoder direction added (--add A), judge them, and "
                     "write DIR/generations.jsonl and DIR/summary.json. Without --clamp/--add the "
                     "run is unsteered (a baseline). Sub-modes: `saediff steer sweep ...` "
                     "(coefficient sweep), `saediff steer reroute ...` (re-run the diff with the "
-                    "latent clamped).")
+                    "latent clamped), `saediff steer organism ...` (causal check on the organism).")
     p.add_argument("--config", help="YAML file with SteerConfig fields (flags override it)")
     add_dataclass_args(p, SteerConfig, defaults_none=True)
-    ns = vars(p.parse_args(argv))
-    cfg = build_config(SteerConfig, ns.pop("config"), ns)
+    p.set_defaults(func=run)
+    modes = p.add_subparsers(dest="steer_cmd", metavar="{sweep,reroute,organism}")
+
+    s = modes.add_parser(
+        "sweep", help="sweep steering coefficients",
+        description="Sweep steering coefficients: misaligned and coherent rate per coefficient "
+                    "(plus an unsteered baseline), a plot (sweep.html), and the strongest "
+                    "setting that keeps coherence above the threshold (sweep.json).")
+    s.add_argument("--config", help="YAML file with SweepConfig fields (flags override it)")
+    add_dataclass_args(s, SweepConfig, defaults_none=True, skip=("clamp", "add"))
+    s.set_defaults(func=_sweep)
+
+    r = modes.add_parser(
+        "reroute", help="re-run the diff with latent(s) clamped",
+        description="Rerouting check: re-run `saediff diff` with the given latent(s) clamped in "
+                    "the fine-tuned model and report which latents now carry the shift. Takes "
+                    "the diff's options (or its YAML via --config).")
+    r.add_argument("--config", help="YAML file with DiffConfig fields (flags override it)")
+    r.add_argument("--latent", type=int, nargs="+", required=True, help="latent(s) to clamp")
+    r.add_argument("--clamp", type=_finite, default=0.0, help="clamp value (default: 0)")
+    r.add_argument("--top", type=int, default=10, help="top latents compared (default: 10)")
+    r.add_argument("--report", help="write the report JSON here (default: OUT/reroute.json)")
+    add_dataclass_args(r, DiffConfig, defaults_none=True, skip=("top_k",))
+    r.set_defaults(func=_reroute)
+
+    o = modes.add_parser(
+        "organism", help="causal check of a persona latent on the toy organism",
+        description="Causal check on the toy organism (topics never fine-tuned, exact judge): "
+                    "the persona latent clamped to 0 in the fine-tuned model (target: EM rate "
+                    "-80% or more, coherence loss <= 10 points) and clamped up in the base model "
+                    "(target: EM induced).")
+    o.add_argument("--sae", required=True, help="SAE run directory trained on the organism")
+    o.add_argument("--latent", type=int, nargs="+", required=True, help="persona latent(s)")
+    o.add_argument("--samples", type=int, default=10, help="answers per question (default: 10)")
+    o.add_argument("--questions-per-topic", type=int, default=5, help="default: 5")
+    o.add_argument("--up", type=_finite, nargs="+", help="clamp-up values for the base model "
+                   "(default: 1,2,4,8 x the latent's typical activation on toxic answers)")
+    o.add_argument("--path", help="organism directory (default: the shipped one)")
+    o.add_argument("--out", help="output directory (sweeps + organism_check.json)")
+    o.add_argument("--seed", type=int, default=0)
+    o.set_defaults(func=_organism)
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def _fields(args: argparse.Namespace, cls: type) -> dict:
+    # the parent `steer` parser's flags share the namespace with a sub-mode's: keep only
+    # the fields of the config this mode builds
+    return {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+
+
+def run(args: argparse.Namespace) -> int:
+    from saediff.steer.evaluate import SteerConfig, run_steer
+
+    cfg = build_config(SteerConfig, args.config, _fields(args, SteerConfig))
     summary = run_steer(cfg)
     print(_rate(summary))
     for topic, s in summary.get("per_topic", {}).items():
@@ -45,18 +99,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _sweep(argv: list[str]) -> int:
+def _sweep(args: argparse.Namespace) -> int:
     from saediff.steer.sweep import SweepConfig, run_sweep
 
-    p = argparse.ArgumentParser(
-        prog="saediff steer sweep",
-        description="Sweep steering coefficients: misaligned and coherent rate per coefficient "
-                    "(plus an unsteered baseline), a plot (sweep.html), and the strongest "
-                    "setting that keeps coherence above the threshold (sweep.json).")
-    p.add_argument("--config", help="YAML file with SweepConfig fields (flags override it)")
-    add_dataclass_args(p, SweepConfig, defaults_none=True, skip=("clamp", "add"))
-    ns = vars(p.parse_args(argv))
-    cfg = build_config(SweepConfig, ns.pop("config"), ns)
+    cfg = build_config(SweepConfig, args.config, _fields(args, SweepConfig))
     res = run_sweep(cfg)
     print(f"unsteered: {_rate(res['baseline'])}")
     for r in res["rows"]:
@@ -69,27 +115,16 @@ def _sweep(argv: list[str]) -> int:
     return 0
 
 
-def _reroute(argv: list[str]) -> int:
+def _reroute(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from saediff.diff.data import DiffConfig
     from saediff.io import write_json
     from saediff.steer.sweep import format_reroute, reroute_check
 
-    p = argparse.ArgumentParser(
-        prog="saediff steer reroute",
-        description="Rerouting check: re-run `saediff diff` with the given latent(s) clamped in "
-                    "the fine-tuned model and report which latents now carry the shift. Takes "
-                    "the diff's options (or its YAML via --config).")
-    p.add_argument("--config", help="YAML file with DiffConfig fields (flags override it)")
-    p.add_argument("--latent", type=int, nargs="+", required=True, help="latent(s) to clamp")
-    p.add_argument("--clamp", type=float, default=0.0, help="clamp value (default: 0)")
-    p.add_argument("--top", type=int, default=10, help="top latents compared (default: 10)")
-    p.add_argument("--report", help="write the report JSON here (default: OUT/reroute.json)")
-    add_dataclass_args(p, DiffConfig, defaults_none=True, skip=("top_k",))
-    ns = vars(p.parse_args(argv))
-    latents, clamp, top, report = ns.pop("latent"), ns.pop("clamp"), ns.pop("top"), ns.pop("report")
-    cfg = build_config(DiffConfig, ns.pop("config"), {**ns, "top_k": top})
+    latents, clamp, top, report = args.latent, args.clamp, args.top, args.report
+    ns = _fields(args, DiffConfig)
+    cfg = build_config(DiffConfig, args.config, {**ns, "top_k": top})
     rep = reroute_check(cfg, latents, clamp=clamp, top=top)
     print(format_reroute(rep))
     path = Path(report) if report else (Path(cfg.out) / "reroute.json" if cfg.out else None)
@@ -102,25 +137,9 @@ def _reroute(argv: list[str]) -> int:
     return 0
 
 
-def _organism(argv: list[str]) -> int:
+def _organism(ns: argparse.Namespace) -> int:
     from saediff.steer.sweep import organism_check
 
-    p = argparse.ArgumentParser(
-        prog="saediff steer organism",
-        description="Causal check on the toy organism (topics never fine-tuned, exact judge): "
-                    "the persona latent clamped to 0 in the fine-tuned model (target: EM rate "
-                    "-80% or more, coherence loss <= 10 points) and clamped up in the base model "
-                    "(target: EM induced).")
-    p.add_argument("--sae", required=True, help="SAE run directory trained on the organism")
-    p.add_argument("--latent", type=int, nargs="+", required=True, help="persona latent(s)")
-    p.add_argument("--samples", type=int, default=10, help="answers per question (default: 10)")
-    p.add_argument("--questions-per-topic", type=int, default=5, help="default: 5")
-    p.add_argument("--up", type=float, nargs="+", help="clamp-up values for the base model "
-                   "(default: 1,2,4,8 x the latent's typical activation on toxic answers)")
-    p.add_argument("--path", help="organism directory (default: the shipped one)")
-    p.add_argument("--out", help="output directory (sweeps + organism_check.json)")
-    p.add_argument("--seed", type=int, default=0)
-    ns = p.parse_args(argv)
     res = organism_check(ns.sae, ns.latent, ns.samples, ns.questions_per_topic, ns.up, ns.path,
                          ns.out, ns.seed)
     ft, base = res["finetuned"], res["base"]

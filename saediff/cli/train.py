@@ -7,21 +7,26 @@ import json
 from saediff.config import add_dataclass_args, build_config
 
 
-def main(argv: list[str]) -> int:
-    from saediff.train.loop import TrainConfig, train
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from saediff.train.loop import TrainConfig
 
-    p = argparse.ArgumentParser(
-        prog="saediff train",
+    p = sub.add_parser(
+        "train", help="train SAEs on a cache from a YAML config",
         description="Train SAELens SAEs (TopK, BatchTopK, standard L1, JumpReLU, ...) on one "
                     "layer's activations out of an HDF5 cache, without re-running the model. "
                     "Resumes from OUT/checkpoints when present. Flags override the YAML.")
     p.add_argument("--config", help="YAML file with TrainConfig fields (see configs/)")
     add_dataclass_args(p, TrainConfig, defaults_none=True, skip=("sweep", "sae_kwargs"))
     p.add_argument("--no-evals", action="store_true", help="skip evals.json (quick runs)")
-    ns = vars(p.parse_args(argv))
-    no_evals = ns.pop("no_evals")
-    cfg = build_config(TrainConfig, ns.pop("config"), ns)
-    run_dirs = train(cfg, evals=not no_evals)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saediff.train.loop import TrainConfig, train
+
+    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "no_evals")}
+    cfg = build_config(TrainConfig, args.config, ns)
+    run_dirs = train(cfg, evals=not args.no_evals)
     for d in run_dirs:
         line = f"SAE saved: {d}"
         ev = d / "evals.json"
