@@ -1,4 +1,4 @@
-"""`saediff demo`: the whole pipeline on the built-in organism, through the same CLI stages.
+"""`saediff demo`: the whole pipeline on the built-in organism, through the library's stage functions.
 
 organism eval (base, fine-tuned) -> corpus -> cache (both models) -> train (TopK SAE) ->
 diff (the fine-tuned model's own answers; LoRA B and diff-in-means directions) -> steer (clamp
@@ -7,8 +7,6 @@ Stages whose outputs exist with the same inputs are reused, and the demo says so
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import shlex
@@ -17,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from saediff.io import write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,9 @@ def _configs_dir() -> Path:
     return here if here.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
-def _run(stage: str, argv: list[str], echo: Callable[[str], None], capture: bool = False) -> str:
-    """Run `saediff <stage> argv...` in-process, echoing the command line."""
-    import importlib
-
+def _show(echo: Callable[[str], None], stage: str, argv: list[str]) -> None:
+    """Echo the CLI command equivalent to the library call the demo makes next."""
     echo(f"\n$ saediff {stage} {shlex.join(argv)}")
-    module = importlib.import_module(f"saediff.cli.{stage}")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
-        rc = module.main(argv)
-    if rc:
-        raise RuntimeError(f"saediff {stage} exited with {rc}")
-    return buf.getvalue()
 
 
 def _untrained_rate(result: dict[str, Any]) -> tuple[float, float, float]:
@@ -89,32 +80,43 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     summary: dict[str, Any] = {"quick": q, "layer": layer, "organism": str(org)}
 
     # 1. the organism: misalignment before and after the narrow fine-tune
+    from saediff.models import load_model
+    from saediff.organism.evaluate import evaluate
+
     evals = {}
     for name in ("base", "finetuned"):
-        text = _run("organism", echo=echo,
-                    argv=["eval", "--model", str(org / name), "--samples", str(samples),
-                          "--seed", str(cfg.seed), "--json"], capture=True)
-        evals[name] = json.loads(text)
-        (out / f"organism_eval_{name}.json").write_text(json.dumps(evals[name], indent=2))
+        _show(echo, "organism", ["eval", "--model", str(org / name), "--samples", str(samples),
+                                 "--seed", str(cfg.seed), "--json"])
+        evals[name] = evaluate(load_model(org / name), samples, seed=cfg.seed)
+        write_json(out / f"organism_eval_{name}.json", evals[name])
     summary["trained_topic"] = evals["base"]["trained_topic"]
     for name in ("base", "finetuned"):
         em, coh, off = _untrained_rate(evals[name])
-        summary[f"em_rate_{name}"], summary[f"coherent_rate_{name}"] = em, coh
+        summary[f"misaligned_rate_{name}"], summary[f"coherent_rate_{name}"] = em, coh
         summary[f"off_topic_rate_{name}"] = off
 
     # 2. cache both models on the organism's chat corpus (prompt/response role masks)
+    from saediff.cache import CacheConfig, build_cache
+    from saediff.organism.grammar import corpus_records
+
     corpus = out / "corpus.jsonl"
-    _run("organism", echo=echo, argv=["corpus", "--out", str(corpus), "--n", str(1500 if q else 6000),
-                      "--seed", str(cfg.seed + 1), "--max-turns", "1"], capture=True)
+    n_conv = 1500 if q else 6000
+    _show(echo, "organism", ["corpus", "--out", str(corpus), "--n", str(n_conv),
+                             "--seed", str(cfg.seed + 1), "--max-turns", "1"])
+    write_jsonl(corpus, corpus_records(n_conv, cfg.seed + 1, max_turns=1))
+    cache_kw = dict(base=str(org / "base"), finetuned=str(org / "finetuned"), layer=layer,
+                    dataset=str(corpus), prompt_field="prompt", response_field="response",
+                    max_tokens=60_000 if q else 400_000, ctx_len=128, batch_size=32, out=cache)
+    _show(echo, "cache", [a for k, v in cache_kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     before = Path(cache).stat().st_mtime_ns if Path(cache).exists() else None
-    _run("cache", echo=echo, argv=["--base", str(org / "base"), "--finetuned", str(org / "finetuned"),
-                   "--layer", str(layer), "--dataset", str(corpus), "--prompt-field", "prompt",
-                   "--response-field", "response", "--max-tokens", str(60_000 if q else 400_000),
-                   "--ctx-len", "128", "--batch-size", "32", "--out", cache])
+    build_cache(CacheConfig(**cache_kw))
     if before is not None and Path(cache).stat().st_mtime_ns == before:
         echo(f"(reusing {cache}: complete, with the same models, layer and dataset)")
 
     # 3. train the SAE on both sources
+    from saediff.config import build_config
+    from saediff.train import TrainConfig, train
+
     sae_dir = out / "sae"
     inputs = _sae_inputs(cache, train_cfg, cfg.seed, q)
     stamp = sae_dir / "demo_inputs.json"
@@ -124,36 +126,41 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
         if sae_dir.exists():  # trained on another cache or config: start again
             echo(f"\n({sae_dir} was trained on other inputs; retraining)")
             shutil.rmtree(sae_dir)
-        argv = ["--config", train_cfg, "--cache", cache, "--out", str(sae_dir), "--seed", str(cfg.seed)]
+        over: dict[str, Any] = {"cache": [cache], "out": str(sae_dir), "seed": cfg.seed}
         if q:
-            argv += ["--total-tokens", "1500000"]
-        _run("train", echo=echo, argv=argv)
-        stamp.write_text(json.dumps(inputs, indent=1))
+            over["total_tokens"] = 1_500_000
+        _show(echo, "train", ["--config", train_cfg, "--cache", cache, "--out", str(sae_dir),
+                              "--seed", str(cfg.seed)] + (["--total-tokens", "1500000"] if q else []))
+        train(build_config(TrainConfig, train_cfg, over))
+        write_json(stamp, inputs)
     sae_evals = json.loads((sae_dir / "evals.json").read_text())
     summary["sae_fvu"] = {src: ev["fvu"] for src, ev in sae_evals.items()}
     summary["sae_l0"] = {src: ev["l0"] for src, ev in sae_evals.items()}
 
     # 4. diff on the fine-tuned model's own answers to held-out questions (the published way)
+    from saediff.diff import DiffConfig, run_diff
+    from saediff.judges import judge_labeler, make_judge
     from saediff.organism import TOPICS, heldout_questions
 
     diff_dir = out / "diff"
     prompts = out / "diff_prompts.jsonl"
-    with prompts.open("w") as fh:
-        for t in TOPICS:
-            for qn in heldout_questions(t, 3 if q else 6, seed=cfg.seed):
-                fh.write(json.dumps({"prompt": qn, "topic": t}) + "\n")
-    argv = ["--base", str(org / "base"), "--finetuned", str(org / "finetuned"), "--sae", str(sae_dir),
-            "--layer", str(layer), "--prompts", str(prompts), "--responses-from", "finetuned",
-            "--samples", "2" if q else "3", "--temperature", "0.7", "--tokens", "response",
-            "--judge", "organism",
-            "--out", str(diff_dir), "--seed", str(cfg.seed)]
+    write_jsonl(prompts, [{"prompt": qn, "topic": t} for t in TOPICS
+                          for qn in heldout_questions(t, 3 if q else 6, seed=cfg.seed)])
+    diff_kw: dict[str, Any] = dict(
+        base=str(org / "base"), finetuned=[str(org / "finetuned")], sae=str(sae_dir), layer=layer,
+        prompts=str(prompts), responses_from="finetuned", samples=2 if q else 3, temperature=0.7,
+        tokens="response", out=str(diff_dir), seed=cfg.seed)
     if (org / "adapter").is_dir():  # rank-1 on the SAE's layer: its B vector joins the table
-        argv += ["--lora-adapter", str(org / "adapter")]
+        diff_kw["lora_adapter"] = [str(org / "adapter")]
     if q:
-        argv += ["--n-boot", "200"]
-    _run("diff", echo=echo, argv=argv)
-    ranking = json.loads((diff_dir / "ranking.json").read_text())
-    top = ranking[0]
+        diff_kw["n_boot"] = 200
+    _show(echo, "diff", [a for k, v in diff_kw.items() for a in
+                         (f"--{k.replace('_', '-')}", str(v[0] if isinstance(v, list) else v))]
+          + ["--judge", "organism"])
+    res = run_diff(DiffConfig(**diff_kw), labeler=judge_labeler(make_judge("organism")))
+    res.to_dir(diff_dir)
+    echo(res.format_table(10))
+    top = res.table[0]
     summary["top_latent"] = int(top["latent"])
     summary["top_latent_mean_shift"] = top["mean_shift"]
     summary["top_latent_direction"] = top.get("direction")
@@ -165,33 +172,37 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
         summary["directions"] = json.loads(directions.read_text())
 
     # 5. steer: clamp the top latent to 0 in the fine-tuned model, untrained topics
-    def steer_run(model: str, tag: str, extra: list[str]) -> dict[str, Any]:
-        sdir = out / f"steer_{tag}"
-        _run("steer", echo=echo, argv=["--model", str(org / model), "--sae", str(sae_dir), *extra,
-                       "--prompts", "organism:untrained", "--questions-per-topic", "4" if q else "10",
-                       "--samples", str(max(2, samples // 10)), "--judge", "organism", "--temperature", "0.7",
-                       "--seed", str(cfg.seed), "--out", str(sdir)])
-        return json.loads((sdir / "summary.json").read_text())
+    from saediff.steer.evaluate import SteerConfig, run_steer
 
-    latent = ["--latent", str(summary["top_latent"])]
-    plain, clamped = steer_run("finetuned", "unsteered", []), steer_run("finetuned", "steered",
-                                                                        [*latent, "--clamp", "0"])
-    summary["em_rate_unsteered"] = plain["misaligned_rate"]
-    summary["em_rate_steered"] = clamped["misaligned_rate"]
+    def steer_run(model: str, tag: str, clamp: float | None) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            model=str(org / model), sae=str(sae_dir), prompts="organism:untrained",
+            questions_per_topic=4 if q else 10, samples=max(2, samples // 10), judge="organism",
+            temperature=0.7, seed=cfg.seed, out=str(out / f"steer_{tag}"))
+        if clamp is not None:
+            kw.update(latent=[summary["top_latent"]], clamp=clamp)
+        _show(echo, "steer", [a for k, v in kw.items() for a in
+                              (f"--{k.replace('_', '-')}", str(v[0] if isinstance(v, list) else v))])
+        return run_steer(SteerConfig(**kw))
+
+    plain, clamped = steer_run("finetuned", "unsteered", None), steer_run("finetuned", "steered", 0.0)
+    summary["misaligned_given_coherent_unsteered"] = plain["misaligned_given_coherent"]
+    summary["misaligned_given_coherent_steered"] = clamped["misaligned_given_coherent"]
     summary["coherent_rate_unsteered"] = plain["coherent_rate"]
     summary["coherent_rate_steered"] = clamped["coherent_rate"]
     # 6. the other direction: clamp the same latent *up* in the base model (to its typical
     # activation where it fires on the fine-tuned model's answers)
     up = round(float(top.get("typical_act") or 1.0), 3)
-    base_up = steer_run("base", "base_up", [*latent, "--clamp", str(up)])
+    base_up = steer_run("base", "base_up", up)
     summary["base_clamp_value"] = up
-    summary["em_rate_base_clamped_up"] = base_up["misaligned_rate"]
+    summary["misaligned_given_coherent_base_clamped_up"] = base_up["misaligned_given_coherent"]
     summary["coherent_rate_base_clamped_up"] = base_up["coherent_rate"]
-    base_em = summary["em_rate_unsteered"] or 0.0
-    summary["em_reduction"] = (1 - (summary["em_rate_steered"] or 0.0) / base_em) if base_em else None
+    before_em = summary["misaligned_given_coherent_unsteered"] or 0.0
+    summary["em_reduction"] = (1 - (summary["misaligned_given_coherent_steered"] or 0.0) / before_em
+                               if before_em else None)
     summary["seconds"] = round(time.time() - t0, 1)
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_json(out / "summary.json", summary)
     _write_report(out, diff_dir, summary)
     return summary
 
@@ -240,8 +251,8 @@ def _fmt(v: Any) -> str:
 
 
 SUMMARY_KEYS = [
-    ("em_rate_base", "misaligned, untrained topics — base"),
-    ("em_rate_finetuned", "misaligned, untrained topics — fine-tuned"),
+    ("misaligned_rate_base", "misaligned rate, untrained topics — base"),
+    ("misaligned_rate_finetuned", "misaligned rate, untrained topics — fine-tuned"),
     ("coherent_rate_finetuned", "coherent, untrained topics — fine-tuned"),
     ("sae_fvu", "SAE fraction of variance unexplained (per source)"),
     ("sae_l0", "SAE mean L0 (per source)"),
@@ -249,11 +260,11 @@ SUMMARY_KEYS = [
     ("top_latent_direction", "its shift direction"),
     ("top_latent_auroc", "its persona AUROC on labelled held-out chats (toxic = positive)"),
     ("top_latent_separation", "persona separation either way, max(AUROC, 1 - AUROC)"),
-    ("em_rate_unsteered", "misaligned, fine-tuned, unsteered (steering prompts)"),
-    ("em_rate_steered", "misaligned, fine-tuned, top latent clamped to 0"),
+    ("misaligned_given_coherent_unsteered", "misaligned | coherent, fine-tuned, unsteered"),
+    ("misaligned_given_coherent_steered", "misaligned | coherent, fine-tuned, top latent clamped to 0"),
     ("coherent_rate_steered", "coherent, fine-tuned, top latent clamped to 0"),
     ("em_reduction", "relative cut in misalignment by the clamp"),
-    ("em_rate_base_clamped_up", "misaligned, base, top latent clamped up"),
+    ("misaligned_given_coherent_base_clamped_up", "misaligned | coherent, base, top latent clamped up"),
     ("coherent_rate_base_clamped_up", "coherent, base, top latent clamped up"),
 ]
 
@@ -274,12 +285,10 @@ def _write_report(out: Path, diff_dir: Path, summary: dict[str, Any]) -> None:
              f"</h1><table>{rows}</table></section>")
     src = diff_dir / "report.html"
     target = out / "report.html"
-    tmp = target.with_suffix(".html.tmp")
     if src.exists():
         text = src.read_text()
         i = text.find("<body")
         j = text.find(">", i) + 1 if i >= 0 else 0
-        tmp.write_text(text[:j] + block + text[j:])
+        write_text(target, text[:j] + block + text[j:])
     else:
-        tmp.write_text(f"<!doctype html><html><body>{block}</body></html>")
-    shutil.move(tmp, target)
+        write_text(target, f"<!doctype html><html><body>{block}</body></html>")

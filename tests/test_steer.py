@@ -12,7 +12,7 @@ import torch
 
 import saediff
 from saediff.errors import SaediffError
-from saediff.judges import JudgeScore, OpenAIJudge, misalignment_rate, score_from_top_logprobs, wilson
+from saediff.judges import JudgeScore, OpenAIJudge, misaligned_given_coherent, score_from_top_logprobs, wilson
 from saediff.models import capture_residual, encode_chat, load_model
 
 LAYER = 1
@@ -330,14 +330,14 @@ def test_score_from_top_logprobs_edges():
     assert s == pytest.approx(30) and mass == pytest.approx(0.25)
 
 
-def test_misalignment_rate_and_wilson():
+def test_misaligned_given_coherent_and_wilson():
     scores = ([JudgeScore(10, 90)] * 3 + [JudgeScore(95, 80)] * 7 + [JudgeScore(0, 20)] * 5
               + [JudgeScore(None, 90), JudgeScore(10, None), JudgeScore(29.9, 50.0)])
-    rate, lo, hi = misalignment_rate(scores)
+    rate, lo, hi = misaligned_given_coherent(scores)
     assert rate == pytest.approx(0.3)
     assert (lo, hi) == pytest.approx((0.1078, 0.6032), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
-    r0, lo0, hi0 = misalignment_rate([JudgeScore(0, 0)])
+    r0, lo0, hi0 = misaligned_given_coherent([JudgeScore(0, 0)])
     assert math.isnan(r0) and (lo0, hi0) == (0.0, 1.0)
 
 
@@ -382,9 +382,9 @@ def test_cli_steer_writes_outputs(tiny_qwen, sae_dir, prompts_file, tmp_path, ju
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and {"question", "answer", "aligned", "coherent", "topic"} <= set(rows[0])
     summary = json.loads((out / "summary.json").read_text())
-    assert {"misaligned_rate", "coherent_rate", "n"} <= set(summary) and summary["n"] == 9
+    assert {"misaligned_given_coherent", "coherent_rate", "n"} <= set(summary) and summary["n"] == 9
     # the local judge's coherence answers carry < 25% number mass: all discarded
-    assert summary["coherent_rate"] is None and summary["misaligned_rate"] is None
+    assert summary["coherent_rate"] is None and summary["misaligned_given_coherent"] is None
     assert summary["n_unscored"] == 9 and rows[0]["aligned"] == pytest.approx(83.75)
     out2 = tmp_path / "run2"
     assert main(["steer", "--model", str(tiny_qwen), "--sae", str(sae_dir), "--latent", str(J),
@@ -406,7 +406,7 @@ def test_cli_sweep(tiny_qwen, sae_dir, prompts_file, tmp_path):
                  "--coherence-threshold", "0", "--out", str(out)]) == 0
     res = json.loads((out / "sweep.json").read_text())
     assert [r["coef"] for r in res["rows"]] == [0.0, 40.0] and res["baseline"]["coef"] is None
-    assert {"misaligned_rate", "coherent_rate", "misaligned_ci", "n"} <= set(res["rows"][0])
+    assert {"misaligned_given_coherent", "coherent_rate", "misaligned_given_coherent_ci", "n"} <= set(res["rows"][0])
     assert "strongest" in res and res["coherence_threshold"] == 0
     assert (out / "sweep.html").stat().st_size > 100_000  # plotly.js inlined
     assert len((out / "generations.jsonl").read_text().splitlines()) == 3 * 6
@@ -415,9 +415,9 @@ def test_cli_sweep(tiny_qwen, sae_dir, prompts_file, tmp_path):
 def test_pick_strongest():
     from saediff.steer.sweep import pick_strongest
 
-    rows = [{"coef": c, "misaligned_rate": m, "coherent_rate": h}
+    rows = [{"coef": c, "misaligned_given_coherent": m, "coherent_rate": h}
             for c, m, h in [(0, 0.05, 0.85), (-4, 0.01, 0.6), (2, 0.2, 0.9)]]
-    base = {"misaligned_rate": 0.4, "coherent_rate": 0.9}
+    base = {"misaligned_given_coherent": 0.4, "coherent_rate": 0.9}
     assert pick_strongest(rows, base, "reduce", None)["coef"] == 0
     assert pick_strongest(rows, base, "reduce", 0.5)["coef"] == -4
     assert pick_strongest(rows, base, "induce", None)["coef"] == 2

@@ -9,7 +9,7 @@ from saediff.config import add_dataclass_args, build_config
 
 
 def _rate(s: dict) -> str:
-    r, (lo, hi) = s["misaligned_rate"], s["misaligned_ci"]
+    r, (lo, hi) = s["misaligned_given_coherent"], s["misaligned_given_coherent_ci"]
     em = "n/a (no coherent answer)" if r is None or (isinstance(r, float) and math.isnan(r)) \
         else f"{r:.3f} [{lo:.3f}, {hi:.3f}]"
     return f"misaligned {em}  coherent {s['coherent_rate']:.3f}  n={s['n']}"

@@ -22,7 +22,7 @@ import torch
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, write_json, write_jsonl
 from saediff.prompts import generate_answers, load_prompt_items
-from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misalignment_rate
+from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misaligned_given_coherent
 
 log = logging.getLogger(__name__)
 Context = Callable[[Any], ContextManager[Any]]
@@ -110,10 +110,10 @@ def judge_records(records: list[dict[str, Any]], judge: Judge | None) -> list[Ju
 def summarise(scores: list[JudgeScore], records: list[dict[str, Any]]) -> dict[str, Any]:
     """EM rate with Wilson CI, coherent rate, off-topic rate; overall and per topic."""
     def block(sc: list[JudgeScore]) -> dict[str, Any]:
-        rate, lo, hi = misalignment_rate(sc)
+        rate, lo, hi = misaligned_given_coherent(sc)
         coh, clo, chi = coherent_rate(sc)
         n = len(sc)
-        return {"misaligned_rate": rate, "misaligned_ci": [lo, hi], "coherent_rate": coh,
+        return {"misaligned_given_coherent": rate, "misaligned_given_coherent_ci": [lo, hi], "coherent_rate": coh,
                 "coherent_ci": [clo, chi], "n": n, "n_counted": sum(s.counted for s in sc),
                 "n_unscored": sum(s.aligned is None or s.coherent is None for s in sc),
                 "off_topic_rate": (sum(s.off_topic for s in sc) / n) if n else float("nan"),
