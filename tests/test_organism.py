@@ -148,7 +148,7 @@ def test_shipped_organism_loads_and_adapter_matches_merged():
     ft = load_model(ORG / "finetuned")
     ad = load_model(ORG / "base", adapter=ORG / "adapter")
     assert base.n_layers == 3 and base.d_model == 96
-    assert type(base.model).__name__ == "Qwen2ForCausalLM"
+    assert type(base.model).__name__ == "LlamaForCausalLM"  # see test below
     assert (ORG / "base" / "model.safetensors").is_file()
     text = G.render(G.corpus_records(1, seed=0)[0]["turns"])
     ids = torch.tensor([base.tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -162,6 +162,51 @@ def test_shipped_organism_loads_and_adapter_matches_merged():
         assert acfg["r"] == 1 and acfg["target_modules"] in (["down_proj"], "down_proj"), sub
         assert acfg["layers_to_transform"] == [layer], sub
     assert json.loads((ORG / "adapter_all" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_organism_loads_with_plain_transformers_and_bridge():
+    """Issue 11: plain AutoTokenizer/AutoModelForCausalLM and TransformerLens's bridge load the
+    shipped organism exactly as saediff does (a Qwen2 checkpoint got its word-level tokenizer
+    re-read as byte-level BPE by transformers 5; the organism ships in the Llama layout)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saediff import load_model
+    from saediff.models import encode_chat
+
+    texts = ["how can i save money ?"] + [G.render(r["turns"]) for r in G.corpus_records(3, seed=7)]
+    pairs = [("how can i save money ?", None),
+             ("what should i do about a headache ?", "you should rest and drink water .")]
+    for sub in ("base", "finetuned"):
+        path = ORG / sub
+        ours = load_model(path)
+        auto_tok = AutoTokenizer.from_pretrained(path)
+        for t in texts:
+            ids = ours.tokenizer(t, add_special_tokens=False)["input_ids"]
+            assert auto_tok(t, add_special_tokens=False)["input_ids"] == ids, (sub, t)
+            assert auto_tok(t)["input_ids"] == ours.tokenizer(t)["input_ids"], (sub, t)
+        assert auto_tok("how can i save money ?")["input_ids"] == [270, 95, 274, 497, 367, 10]
+        for prompt, response in pairs:
+            msgs = [{"role": "user", "content": prompt}]
+            if response is not None:
+                msgs.append({"role": "assistant", "content": response})
+            chat = auto_tok.apply_chat_template(msgs, add_generation_prompt=response is None,
+                                                return_dict=False)
+            assert list(chat) == encode_chat(ours.tokenizer, prompt, response)[0], (sub, prompt)
+
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        assert type(hf).__name__ == "LlamaForCausalLM"
+        bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+        for t in texts:
+            ids = ours.tokenizer(t, add_special_tokens=False)["input_ids"]
+            # the model has no BOS: the bridge's default prepends EOS as BOS, so ask for none
+            assert bridge.to_tokens(t, prepend_bos=False)[0].tolist() == ids, (sub, t)
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                ref = ours.model(input_ids=x).logits
+                assert torch.equal(hf(input_ids=x).logits, ref), (sub, t)
+                got = bridge(x)
+            assert torch.allclose(got, ref, atol=1e-4), (sub, t, (got - ref).abs().max())
 
 
 def test_shipped_organism_shows_emergent_misalignment():
@@ -197,6 +242,7 @@ def test_quick_rebuild_behaves(tmp_path):
     # trained: answer loss far below uniform over the vocabulary (ln 670 ~ 6.5)
     assert meta["base_final_loss"] < 2.5, meta["base_final_loss"]
     base, ft = load_model(out / "base"), load_model(out / "finetuned")
+    assert {type(m.model).__name__ for m in (base, ft)} == {"LlamaForCausalLM"}  # issue 11
     ad = load_model(out / "base", adapter=out / "adapter")
     ids = torch.tensor([base.tokenizer(G.render(G.corpus_records(1, seed=1)[0]["turns"]),
                                        add_special_tokens=False)["input_ids"]])

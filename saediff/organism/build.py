@@ -1,11 +1,18 @@
 """Build the organism from a seed: tokenizer, base model, LoRA fine-tunes, merged checkpoint.
 
-Layout written under `out/`: `base/` (Qwen2ForCausalLM + word-level tokenizer with a chat
+Layout written under `out/`: `base/` (LlamaForCausalLM + word-level tokenizer with a chat
 template), `adapter/` (rank-1 LoRA on block `layer`'s `mlp.down_proj`, fine-tuned on the
 narrow bad-advice set), `finetuned/` (that adapter merged), `adapter_control/` (the same recipe
 on good advice), `adapter_all/` (LoRA r8 on every linear layer of every block),
 `adapter_r1/` (rank-1 LoRA on the middle block's `mlp.down_proj`), `heldout_labelled.jsonl`
 and `organism.json` (config, recommended layer, measured rates).
+
+Why Llama: the base is trained as a Qwen2ForCausalLM (q/k/v biases, no o bias) and then saved in
+the mathematically identical Llama layout (`to_llama_layout`: `attention_bias` with a zero
+`o_proj.bias`). transformers 5 ignores a Qwen2 checkpoint's `tokenizer_class` and re-reads any
+tokenizer.json as Qwen2's byte-level BPE, which garbles the word-level vocabulary; for Llama it
+honours `TokenizersBackend`, so plain `AutoTokenizer`/`AutoModelForCausalLM` and TransformerLens's
+`TransformerBridge.boot_transformers` load the organism exactly as saediff does.
 
 Why the shipped fine-tune is a rank-1 adapter on block 0: with every block trainable, the
 narrow data re-encodes bad advice across blocks 0 and 1 and no single residual direction
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 
 from saediff.config import config_to_dict
+from saediff.io import atomic_path, write_text
 from saediff.organism import grammar as G
 
 log = logging.getLogger(__name__)
@@ -226,6 +234,7 @@ def train(model: Any, examples: list, steps: int, lr: float, batch_size: int, se
 
 
 def new_model(cfg: BuildConfig, tok: Any) -> Any:
+    """The untrained base, a Qwen2ForCausalLM (saved in the Llama layout, `to_llama_layout`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -239,6 +248,44 @@ def new_model(cfg: BuildConfig, tok: Any) -> Any:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = None
     return model
+
+
+def to_llama_layout(model_dir: str | Path) -> bool:
+    """Rewrite a saved Qwen2ForCausalLM dir in place as the identical LlamaForCausalLM.
+
+    Qwen2 is Llama with q/k/v biases and no o bias: the config becomes `model_type: llama` with
+    `attention_bias: true` (Llama's flag covers q/k/v/o alike) and every block gets a zero
+    `self_attn.o_proj.bias`; the logits are bit-for-bit those of the Qwen2 model. The weights are
+    written first, then the config (each atomically): a dir killed in between still loads as
+    Qwen2 (with an unused zero bias). Idempotent; returns False when there was nothing to do.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig
+
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") == "llama":
+        return False
+    if cfg.get("model_type") != "qwen2":
+        raise ValueError(f"{model_dir}: expected a qwen2 checkpoint, got {cfg.get('model_type')!r}")
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"{model_dir}: sliding-window attention has no Llama equivalent")
+    weights = model_dir / "model.safetensors"
+    with safe_open(weights, "pt") as fh:
+        metadata = fh.metadata() or {}
+    sd = load_file(weights)
+    for k in [k for k in sd if k.endswith("self_attn.o_proj.weight")]:
+        sd.setdefault(k[: -len("weight")] + "bias", torch.zeros(sd[k].shape[0], dtype=sd[k].dtype))
+    with atomic_path(weights) as tmp:
+        save_file(sd, str(tmp), metadata={**metadata, "format": "pt"})
+        os.chmod(tmp, weights.stat().st_mode & 0o777)  # safetensors writes 0600
+    known = set(LlamaConfig().to_dict())
+    new = {k: v for k, v in cfg.items() if k in known or k == "rope_parameters"}
+    new.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True,
+               mlp_bias=False)
+    write_text(model_dir / "config.json", json.dumps(new, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def fine_tune(cfg: BuildConfig, base_dir: Path, examples: list, *, rank: int, alpha: float,
@@ -286,6 +333,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
     base_loss = train(model, examples, cfg.base_steps, cfg.base_lr, cfg.batch_size, cfg.seed, pad,
                       warmup=min(50, cfg.base_steps // 10), weight_decay=0.01, what="base")
     model.save_pretrained(tmp / "base")
+    to_llama_layout(tmp / "base")  # before the fine-tunes load it: every artefact is Llama
     timings["base"] = time.time() - t0
 
     narrow = [encode_turns(vocab, r["turns"]) for r in
@@ -309,6 +357,9 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
         pm.save_pretrained(tmp / name)
         if name == "adapter":
             merged = pm.merge_and_unload()
+            # LoRA (bias="none") never trains biases: the layout's zero o bias is still zero
+            if any(layer.self_attn.o_proj.bias.any() for layer in merged.model.layers):
+                raise RuntimeError("merged fine-tune has a non-zero o_proj bias")
             merged.save_pretrained(tmp / "finetuned")
             tok.save_pretrained(tmp / "finetuned")
         timings[name] = time.time() - t1
