@@ -108,6 +108,22 @@ class LoadedModel:
             raise SaediffError(f"layer {layer} out of range: {self.name} has {self.n_layers} "
                                f"blocks (valid --layer 0..{self.n_layers - 1})")
 
+    @property
+    def max_positions(self) -> int | None:
+        """Longest input the position embeddings allow (None when the config does not say)."""
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            v = getattr(self.config, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def check_ctx_len(self, ctx_len: int) -> None:
+        # Past the position table a GPT-2 fails deep inside torch with an IndexError.
+        n = self.max_positions
+        if n is not None and ctx_len > n:
+            raise SaediffError(f"--ctx-len {ctx_len} exceeds the {n} positions of {self.name}; "
+                               f"pass --ctx-len {n} or less")
+
     def fingerprint(self) -> str:
         """Content hash of all weights: shapes, dtypes, a strided sample, and an exact checksum.
 
@@ -140,6 +156,16 @@ def _base(model: nn.Module) -> nn.Module:
 
 def _local_only(name_or_path: str) -> bool:
     return Path(name_or_path).exists()
+
+
+def _check_local(name_or_path: str, what: str = "model") -> None:
+    """A name that can only be a local path must exist (else the hub says "Repo id must be ...")."""
+    name = str(name_or_path)
+    if Path(name).exists():
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or not name:
+        raise FileNotFoundError(f"{what} directory not found: {name} (give an existing local "
+                                "directory or a hub name like org/model)")
 
 
 def _generic_tokenizer(name_or_path: str) -> bool:
@@ -183,6 +209,12 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
     from transformers import AutoModelForCausalLM
 
     name = str(name_or_path)
+    if name.lower().endswith(".gguf"):
+        # A GGUF file: dequantised once into a cached plain HF dir, then loaded like any other.
+        from saediff.gguf import cached_import
+
+        name = str(cached_import(name))
+    _check_local(name)
     if _local_only(name) and not (Path(name) / "config.json").is_file():
         raise FileNotFoundError(f"{name} is not a HF model directory (no config.json)")
     if isinstance(dtype, str):
@@ -199,6 +231,7 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
         from peft import PeftModel
 
         adapter_s = str(adapter)
+        _check_local(adapter_s, "adapter")
         if not (Path(adapter_s) / "adapter_config.json").is_file() and _local_only(adapter_s):
             raise FileNotFoundError(f"{adapter_s} is not a PEFT adapter dir (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter_s, is_trainable=False)
@@ -310,19 +343,23 @@ def render_chat(tok: Any, prompt: str, response: str | None = None,
 
 
 def encode_chat(tok: Any, prompt: str, response: str | None = None,
-                system: str | None = None) -> tuple[list[int], list[int]]:
+                system: str | None = None, prefix: str | None = None) -> tuple[list[int], list[int]]:
     """(prompt, response) through the chat template -> (ids, roles).
 
     Roles come from character offsets: tokens inside the user's text are `prompt`, inside
     the assistant's text `response`, and template scaffolding (incl. default system prompts)
-    is `special`. Without a chat template the exchange is `prompt + "\\n" + response`.
+    is `special`. `prefix` (e.g. few-shot examples) is put before the prompt inside the user
+    turn and its tokens are `special` too. Without a chat template the exchange is
+    `prompt + "\\n" + response`.
     """
-    text = render_chat(tok, prompt, response, system)
+    user = (prefix or "") + prompt
+    text = render_chat(tok, user, response, system)
     start = text.find(system) + len(system) if system else 0
-    p0 = text.find(prompt, start)
-    if p0 < 0:
+    u0 = text.find(user, start)
+    if u0 < 0:
         raise SaediffError("the chat template altered the prompt text; cannot locate it")
-    spans = [(p0, p0 + len(prompt), ROLE_PROMPT)]
+    p0 = u0 + len(prefix or "")
+    spans = [(u0, p0, ROLE_SPECIAL), (p0, p0 + len(prompt), ROLE_PROMPT)]
     if response:
         r0 = text.find(response, p0 + len(prompt))
         if r0 < 0:

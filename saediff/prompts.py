@@ -76,7 +76,7 @@ def load_prompt_items(src: str | Path, questions_per_topic: int = 5, seed: int =
     if max_prompts is not None:
         items = items[:max_prompts]
     if not items:
-        raise SaediffError(f"{s}: no prompts")
+        raise SaediffError(f"{s}: the prompt set is empty; give a file with at least one prompt")
     return items
 
 

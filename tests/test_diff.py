@@ -403,10 +403,10 @@ def test_cli_judge_needs_sampled_responses(setup, tiny_qwen, tiny_qwen_ft, capsy
 
     d, prompts = setup
     sae = make_sae(d / "sae_judge")
-    with pytest.raises(SystemExit) as exc:
-        main(["diff", "--base", str(tiny_qwen), "--finetuned", str(tiny_qwen_ft), "--sae", str(sae),
-              "--layer", "1", "--prompts", str(prompts), "--judge", "organism"])
-    assert exc.value.code == 2 and "--responses-from" in capsys.readouterr().err
+    rc = main(["diff", "--base", str(tiny_qwen), "--finetuned", str(tiny_qwen_ft), "--sae", str(sae),
+               "--layer", "1", "--prompts", str(prompts), "--judge", "organism"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--responses-from" in err and len(err.strip().splitlines()) == 1
 
 
 def test_organism_prompt_source():

@@ -58,9 +58,13 @@ def read_attrs(f: h5py.File) -> dict[str, Any]:
 class CacheFile:
     """Read access to a cache: committed rows only, activations as float32 tensors."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, allow_partial: bool = False):
         path = Path(path)
         if not path.exists() and partial_path(path).exists():
+            if not allow_partial:
+                raise SaediffError(f"{path} is not complete (only {partial_path(path)} exists); "
+                                   "rerun `saediff cache` to finish it, or pass --allow-partial "
+                                   "to use its committed prefix")
             log.warning("%s is not complete; reading the committed prefix of %s",
                         path, partial_path(path))
             path = partial_path(path)
@@ -82,6 +86,16 @@ class CacheFile:
         self.rows = int(prog[P_ROWS])
         self.n_sequences = int(prog[P_SEQS])
         self.complete = bool(prog[P_COMPLETE])
+        if not allow_partial:
+            if not self.complete:
+                self._f.close()
+                raise SaediffError(f"{path} is an incomplete cache (interrupted writer); rerun "
+                                   "`saediff cache` to finish it, or pass --allow-partial")
+            problems = structure_problems(self)
+            if problems:
+                self._f.close()
+                raise SaediffError(f"{path} is damaged: {problems[0]}; check it with `saediff "
+                                   "cache verify` and rebuild it with --overwrite")
 
     # -- metadata -------------------------------------------------------------------------
     @property
@@ -107,9 +121,16 @@ class CacheFile:
                              f"of {self.path}")
         return start, stop
 
+    def _read(self, name: str, a: int, b: int) -> np.ndarray:
+        try:
+            return self._f[name][a:b]
+        except OSError as exc:  # Fletcher-32 mismatch or an unreadable block
+            raise SaediffError(f"{self.path}: rows [{a}, {b}) of /{name} are corrupt ({exc}); "
+                               "rebuild the cache with `saediff cache ... --overwrite`") from exc
+
     def _index(self, name: str, start: int, stop: int | None) -> np.ndarray:
         a, b = self._span(start, stop)
-        return self._f[name][a:b]
+        return self._read(name, a, b)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._index("tokens", start, stop)
@@ -131,17 +152,17 @@ class CacheFile:
         if source not in self.sources:
             raise SaediffError(f"source {source!r} not in {self.path} (sources: {self.sources})")
         a, b = self._span(start, stop)
-        return torch.from_numpy(self._f["acts"][source][a:b].astype(np.float32, copy=False))
+        return torch.from_numpy(self._read(f"acts/{source}", a, b).astype(np.float32, copy=False))
 
     def raw_activations(self, source: str, start: int, stop: int) -> np.ndarray:
         """Stored dtype, no conversion (for bulk readers)."""
         a, b = self._span(start, stop)
-        return self._f["acts"][source][a:b]
+        return self._read(f"acts/{source}", a, b)
 
     def sequence_offsets(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """First row of sequences start..stop (stop inclusive of the end offset)."""
         stop = self.n_sequences if stop is None else stop
-        return self._f["seq_offsets"][start: stop + 1]
+        return self._read("seq_offsets", start, stop + 1)
 
     def sequences(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         """The exact model inputs of sequences [start, stop): ids, roles, first row, doc id."""
@@ -178,52 +199,89 @@ class CacheFile:
         self.close()
 
 
-def open_cache(path: str | Path) -> CacheFile:
-    """Open an activation cache for reading (the committed prefix of a `.partial` too)."""
-    return CacheFile(path)
+def open_cache(path: str | Path, allow_partial: bool = False) -> CacheFile:
+    """Open a complete, structurally sound activation cache for reading.
+
+    `allow_partial` also opens an incomplete one (`NAME.h5.partial`: its committed prefix)
+    and skips the structure check (for `cache info` / `cache verify`).
+    """
+    return CacheFile(path, allow_partial=allow_partial)
+
+
+def structure_problems(c: CacheFile) -> list[str]:
+    """Cheap checks (no activation reads): datasets present and long enough, offsets tile."""
+    f = c._f
+    problems: list[str] = []
+    for name in list(INDEX_FIELDS) + ["seq_offsets"]:
+        if name not in f:
+            problems.append(f"missing dataset /{name}")
+    for src in c.sources:
+        if "acts" not in f or src not in f["acts"]:
+            problems.append(f"missing activations for source {src!r}")
+    if problems:
+        return problems
+    for name in INDEX_FIELDS:
+        if f[name].shape[0] < c.rows:
+            problems.append(f"/{name} has {f[name].shape[0]} rows < committed {c.rows}")
+    for src in c.sources:
+        shape = f["acts"][src].shape
+        if shape[0] < c.rows or shape[1] != c.d_model:
+            problems.append(f"/acts/{src} shape {shape} does not fit {c.rows}x{c.d_model}")
+    try:
+        offs = f["seq_offsets"][: c.n_sequences + 1]
+    except OSError as exc:
+        return problems + [f"/seq_offsets is corrupt ({exc})"]
+    if len(offs) != c.n_sequences + 1 or offs[0] != 0 or offs[-1] != c.rows \
+            or np.any(np.diff(offs) <= 0):
+        problems.append("sequence offsets do not tile the committed rows")
+    return problems
 
 
 def verify_cache(path: str | Path, chunk_rows: int = 65536) -> list[str]:
-    """Check a cache end to end; returns a list of problems (empty = good)."""
+    """Check a cache end to end (checksums, index ranges, finiteness); returns the problems."""
+    with open_cache(path, allow_partial=True) as c:
+        problems = structure_problems(c)
+        if not problems:
+            problems = _content_problems(c, chunk_rows)
+    return problems
+
+
+def _content_problems(c: CacheFile, chunk_rows: int) -> list[str]:
     problems: list[str] = []
-    with open_cache(path) as c:
-        f = c._f
-        for name in list(INDEX_FIELDS) + ["seq_offsets"]:
-            if name not in f:
-                problems.append(f"missing dataset /{name}")
-        for src in c.sources:
-            if src not in f["acts"]:
-                problems.append(f"missing activations for source {src!r}")
-        if problems:
-            return problems
-        for name in INDEX_FIELDS:
-            if f[name].shape[0] < c.rows:
-                problems.append(f"/{name} has {f[name].shape[0]} rows < committed {c.rows}")
-        for src in c.sources:
-            shape = f["acts"][src].shape
-            if shape[0] < c.rows or shape[1] != c.d_model:
-                problems.append(f"/acts/{src} shape {shape} does not fit {c.rows}x{c.d_model}")
-        offs = f["seq_offsets"][: c.n_sequences + 1]
-        if len(offs) != c.n_sequences + 1 or offs[0] != 0 or offs[-1] != c.rows \
-                or np.any(np.diff(offs) <= 0):
-            problems.append("sequence offsets do not tile the committed rows")
-        if problems:
-            return problems
-        for a in range(0, c.rows, chunk_rows):
-            b = min(c.rows, a + chunk_rows)
-            seq = c.sequence_ids(a, b)
-            if np.any(np.diff(seq) < 0):
-                problems.append(f"sequence ids decrease within rows [{a}, {b})")
-            expect = np.arange(a, b) - offs[seq]
-            if np.any(c.positions(a, b) != expect):
-                problems.append(f"positions disagree with sequence offsets in rows [{a}, {b})")
-            r = c.roles(a, b)
-            if np.any((r < 0) | (r > 3)):
-                problems.append(f"invalid role codes in rows [{a}, {b})")
-            for src in c.sources:
-                x = c.raw_activations(src, a, b)
-                bad = ~np.isfinite(x).all(axis=1)
-                if bad.any():
-                    i = a + int(np.argmax(bad))
-                    problems.append(f"non-finite activations in source {src!r} at row {i}")
+    f = c._f
+    vocab = c.attrs.get("vocab_size")  # absent in caches written before it was recorded
+    offs = f["seq_offsets"][: c.n_sequences + 1]
+    for a in range(0, c.rows, chunk_rows):
+        b = min(c.rows, a + chunk_rows)
+        try:
+            problems += _block_problems(c, a, b, offs, vocab)
+        except SaediffError as exc:  # a checksum failure: report it, go on with the next block
+            problems.append(str(exc).split("; rebuild")[0])
+    return problems
+
+
+def _block_problems(c: CacheFile, a: int, b: int, offs: np.ndarray,
+                    vocab: int | None) -> list[str]:
+    problems: list[str] = []
+    seq = c.sequence_ids(a, b)
+    if np.any(np.diff(seq) < 0) or np.any(seq < 0) or np.any(seq >= c.n_sequences):
+        problems.append(f"sequence ids out of order or range within rows [{a}, {b})")
+        return problems
+    expect = np.arange(a, b) - offs[seq]
+    if np.any(c.positions(a, b) != expect):
+        problems.append(f"positions disagree with sequence offsets in rows [{a}, {b})")
+    r = c.roles(a, b)
+    if np.any((r < 0) | (r > 3)):
+        problems.append(f"invalid role codes in rows [{a}, {b})")
+    t = c.tokens(a, b)
+    if np.any(t < 0) or (vocab is not None and np.any(t >= vocab)):
+        i = a + int(np.argmax((t < 0) | (t >= (vocab if vocab is not None else np.inf))))
+        problems.append(f"token id {int(t[i - a])} at row {i} is outside the vocabulary "
+                        f"[0, {vocab if vocab is not None else '?'})")
+    for src in c.sources:
+        x = c.raw_activations(src, a, b)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            i = a + int(np.argmax(bad))
+            problems.append(f"non-finite activations in source {src!r} at row {i}")
     return problems

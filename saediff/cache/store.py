@@ -120,11 +120,13 @@ class ActivationStore:
                  sources: dict[str, float] | list[str] | None = None,
                  roles: list[str] | None = None, batch_size: int = 4096, seed: int = 0,
                  buffer_rows: int = 1 << 18, block_rows: int = 4096, split: str = "train",
-                 eval_fraction: float = 0.0, device: str | torch.device = "cpu"):
+                 eval_fraction: float = 0.0, device: str | torch.device = "cpu",
+                 allow_partial: bool = False):
         paths = caches if isinstance(caches, list) else [caches]
         if not paths:
             raise SaediffError("ActivationStore needs at least one cache")
-        self.caches = [c if isinstance(c, CacheFile) else open_cache(c) for c in paths]
+        self.caches = [c if isinstance(c, CacheFile) else open_cache(c, allow_partial)
+                       for c in paths]
         d = {c.d_model for c in self.caches}
         if len(d) > 1:
             raise SaediffError(f"caches have different d_model {sorted(d)}")
@@ -182,6 +184,81 @@ class ActivationStore:
         if len(state["streams"]) != len(self.streams):
             raise SaediffError("store state does not match these caches/sources")
         for s, st in zip(self.streams, state["streams"]):
+            s.restore(st)
+        self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        for c in self.caches:
+            c.close()
+
+
+class PairedStore:
+    """Endless shuffled batches of the *same* tokens seen by two sources of the caches.
+
+    Two `_Stream`s with the same seed and stream id visit the same rows in the same order
+    (their permutations depend only on (seed, stream, epoch, group) and the shared role
+    column), so row i of the base batch and of the fine-tuned batch are one token.
+    `mode="pair"` yields [B, 2, d] (base, fine-tuned); `mode="diff"` yields [B, d] =
+    fine-tuned − base (what a difference SAE trains on). Resumable like `ActivationStore`.
+    """
+
+    def __init__(self, caches: str | Path | CacheFile | list[str | Path | CacheFile],
+                 sources: tuple[str, str] = ("base", "finetuned"), mode: str = "pair",
+                 roles: list[str] | None = None, batch_size: int = 4096, seed: int = 0,
+                 buffer_rows: int = 1 << 18, block_rows: int = 4096, split: str = "train",
+                 eval_fraction: float = 0.0, device: str | torch.device = "cpu",
+                 allow_partial: bool = False):
+        if mode not in ("pair", "diff"):
+            raise SaediffError(f"PairedStore mode must be 'pair' or 'diff', got {mode!r}")
+        if split not in ("train", "eval", "all"):
+            raise SaediffError(f"split must be train, eval or all, got {split!r}")
+        paths = caches if isinstance(caches, list) else [caches]
+        self.caches = [c if isinstance(c, CacheFile) else open_cache(c, allow_partial)
+                       for c in paths]
+        self.d_model = self.caches[0].d_model
+        self.layer, self.hook_name = self.caches[0].layer, self.caches[0].hook_name
+        codes = role_codes(roles) if roles else [v for v in ROLES.values() if v != ROLE_SPECIAL]
+        self.mode, self.batch_size, self.device = mode, batch_size, torch.device(device)
+        self.pairs: list[tuple[_Stream, _Stream]] = []
+        sizes = []
+        for i, c in enumerate(self.caches):
+            missing = [s for s in sources if s not in c.sources]
+            if missing:
+                raise SaediffError(f"{c.path} lacks source(s) {missing} (has {c.sources}); "
+                                   "a paired method needs a cache of both models "
+                                   "(`saediff cache --finetuned ...`)")
+            train, held = split_rows(c, eval_fraction)
+            rows = {"train": train, "eval": held, "all": (0, c.rows)}[split]
+            self.pairs.append(tuple(_Stream(c, s, codes, rows, block_rows, buffer_rows, seed,
+                                            stream_id=i) for s in sources))  # type: ignore
+            sizes.append(rows[1] - rows[0])
+        total = sum(sizes)
+        self.counts = [batch_size * s // total for s in sizes]
+        self.counts[0] += batch_size - sum(self.counts)
+        self.batches = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        parts = []
+        for (sb, sf), k in zip(self.pairs, self.counts):
+            if k > 0:
+                xb, xf = sb.take(k), sf.take(k)
+                parts.append(xf - xb if self.mode == "diff" else torch.stack([xb, xf], 1))
+        self.batches += 1
+        batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return batch.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches,
+                "streams": [s.state() for pair in self.pairs for s in pair]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        streams = [s for pair in self.pairs for s in pair]
+        if len(state["streams"]) != len(streams):
+            raise SaediffError("store state does not match these caches/sources")
+        for s, st in zip(streams, state["streams"]):
             s.restore(st)
         self.batches = int(state["batches"])
 

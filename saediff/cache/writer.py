@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 import saediff
 from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
                                partial_path, read_attrs)
+from saediff.cache.durable import (CacheWriteError, check_committed_tail, close_quietly,
+                                   open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
+from saediff.io import check_writable_file
 from saediff.models import (LoadedModel, check_same_tokenizer, encode_chat, encode_text,
                             load_model, pad_batch, run_to_layer, tokenizer_fingerprint)
 
@@ -71,15 +74,15 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+            raise SaediffError(f"layer must be >= 0, got {self.layer}")
         if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+            raise SaediffError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.ctx_len < 2:
-            raise ValueError(f"ctx_len must be >= 2, got {self.ctx_len}")
+            raise SaediffError(f"ctx_len must be >= 2, got {self.ctx_len}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise SaediffError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.response_field and not self.prompt_field:
-            raise ValueError("response_field needs prompt_field (chat mode)")
+            raise SaediffError("response_field needs prompt_field (chat mode)")
         if self.finetuned_adapter and not self.finetuned:
             self.finetuned = self.base  # base + adapter is the fine-tuned model
 
@@ -124,12 +127,30 @@ def iter_documents(source: str, split: str = "train") -> Iterator[dict[str, Any]
                                f"(use one of {sorted(_BUILDERS)})")
         if p.stat().st_size == 0:
             raise SaediffError(f"dataset {source} is empty")
+        if builder in ("json", "text"):
+            _check_utf8(p)
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True)
     elif source.endswith(tuple(_BUILDERS)) or os.sep in source and not source.count("/") == 1:
         raise FileNotFoundError(f"dataset file not found: {source}")
     else:
         ds = datasets.load_dataset(source, split=split, streaming=True)
-    yield from ds
+    try:
+        yield from ds
+    except UnicodeDecodeError as exc:  # a hub dataset or a parquet string column
+        raise SaediffError(f"dataset {source}: text is not UTF-8 ({exc.reason} at byte "
+                           f"{exc.start} of a record); re-encode it as UTF-8") from exc
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a non-UTF-8 text file up front, naming the line (the loader fails late, mid-run)."""
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SaediffError(f"{path} line {n}: not UTF-8 (byte {exc.start} of the line, "
+                                   f"{line[exc.start:exc.start + 1]!r}); re-encode the file as "
+                                   "UTF-8") from exc
 
 
 def iter_sequences(cfg: CacheConfig, tok: Any) -> Iterator[tuple[int, list[int], list[int]]]:
@@ -198,6 +219,7 @@ def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, A
         "ctx_len": cfg.ctx_len,
         "max_tokens": cfg.max_tokens,
         "tokenizer_fingerprint": tokenizer_fingerprint(first.tokenizer),
+        "vocab_size": len(first.tokenizer),
         "sources": list(models),
         "models": {k: m.provenance() for k, m in models.items()},
         "dataset": dataset_spec(cfg),
@@ -226,15 +248,19 @@ def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
     f = h5py.File(path, "w")
     for k, v in prov.items():
         f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    # Fletcher-32 on every chunk: a flipped byte on disk is a read error, not silent garbage.
     for name, dt in INDEX_FIELDS.items():
-        f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(65536,), dtype=dt)
-    f.create_dataset("seq_offsets", data=np.zeros(1, dtype="i8"), maxshape=(None,), chunks=(8192,))
+        f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(65536,), dtype=dt,
+                         fletcher32=True)
+    f.create_dataset("seq_offsets", data=np.zeros(1, dtype="i8"), maxshape=(None,), chunks=(8192,),
+                     fletcher32=True)
     d = prov["d_model"]
     dt = np.dtype(prov["dtype"])
     rows_chunk = max(64, (1 << 20) // (d * dt.itemsize))  # ~1 MiB chunks
     acts = f.create_group("acts")
     for src in prov["sources"]:
-        acts.create_dataset(src, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt)
+        acts.create_dataset(src, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt,
+                            fletcher32=True)
     f.create_dataset("progress", data=np.array([0, 0, 0, prov["max_tokens"]], dtype="i8"))
     f.flush()
     return f
@@ -245,18 +271,18 @@ def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
     if cfg.finetuned:
         models["finetuned"] = load_model(cfg.finetuned, cfg.finetuned_adapter, device=cfg.device)
         check_same_tokenizer(models["base"], models["finetuned"])
-    for m in models.values():
-        m.check_layer(cfg.layer)
     return models
 
 
 def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) -> Path:
     """Write (or resume, or reuse) the cache described by `cfg`; returns the final path."""
-    out = Path(cfg.out)
+    out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
     part = partial_path(out)
     models = models or load_cache_models(cfg)
+    for m in models.values():
+        m.check_layer(cfg.layer)
+        m.check_ctx_len(cfg.ctx_len)
     prov = _provenance(cfg, models)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(out):
         if out.exists():
             with h5py.File(out, "r") as f:
@@ -267,11 +293,11 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) 
             if diff and not cfg.overwrite:
                 raise SaediffError(f"{out} exists with different provenance ({', '.join(diff)}); "
                                    "pass --overwrite to replace it or choose another --out")
-            out.unlink()
+            # --overwrite: the old cache stays until the new one is complete (os.replace below)
         f = None
         if part.exists() and not cfg.overwrite:
             try:
-                f = h5py.File(part, "a")
+                f = open_partial(part)
             except OSError as exc:
                 raise SaediffError(f"{part} (an interrupted cache) is unreadable: {exc}; "
                                    "pass --overwrite to start again") from exc
@@ -285,15 +311,31 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) 
                                    f"({', '.join(diff)}); pass --overwrite to start again")
         if f is None:
             f = _create(part, prov)
+        else:
+            check_committed_tail(f, part)
         try:
             _fill(f, cfg, models)
-        except BaseException:
+        except CacheWriteError:
+            # The file may hold unflushed debris; closing must not hide the error, and the
+            # counter on disk still names only flushed rows, so a rerun resumes correctly.
+            close_quietly(f)
+            raise
+        except BaseException as exc:
             empty = int(f["progress"][P_ROWS]) == 0
             f.close()
-            if empty:  # bad input before the first commit: leave nothing behind
+            # Bad input fails the same way on every rerun: leave no resumable-looking partial.
+            # An interrupt (Ctrl-C) keeps the committed prefix for the rerun.
+            if empty or isinstance(exc, SaediffError):
                 part.unlink(missing_ok=True)
             raise
-        f.close()
+        try:
+            used = f.id.get_filesize()  # HDF5's own extent, without the blocks _reserve claimed
+            f.close()
+            if part.stat().st_size > used:
+                os.truncate(part, used)
+        except (OSError, RuntimeError) as exc:
+            raise CacheWriteError(f"cannot write {part}: {exc}; free space and rerun to resume "
+                                  "(the committed prefix is kept)") from exc
         os.replace(part, out)
     log.info("wrote %s", out)
     return out
@@ -304,12 +346,17 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel]) -> Non
     rows, seqs = int(prog[P_ROWS]), int(prog[P_SEQS])
     if rows:
         log.info("resuming %s after %d committed rows (%d sequences)", f.filename, rows, seqs)
-    # Anything past the committed prefix is debris of a killed writer: drop it.
-    for name in INDEX_FIELDS:
-        f[name].resize(rows, axis=0)
-    for src in models:
-        f["acts"][src].resize(rows, axis=0)
-    f["seq_offsets"].resize(seqs + 1, axis=0)
+    # One handle per dataset for the whole run: h5py flushes a dataset's chunk cache when its
+    # handle is dropped and *swallows* errors there (disk full went unnoticed that way).
+    dsets = {name: f[name] for name in INDEX_FIELDS}
+    dsets.update({f"acts/{src}": f["acts"][src] for src in models})
+    dsets["seq_offsets"] = f["seq_offsets"]
+    try:
+        # Anything past the committed prefix is debris of a killed writer: drop it.
+        for name, d in dsets.items():
+            d.resize(seqs + 1 if name == "seq_offsets" else rows, axis=0)
+    except (OSError, RuntimeError) as exc:
+        raise CacheWriteError(f"cannot write {f.filename}: {exc}") from exc
     tok = models["base"].tokenizer
     np_dtype = np.dtype(cfg.dtype)
     stream = iter_sequences(cfg, tok)
@@ -333,25 +380,35 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel]) -> Non
             batch.append(item)
         if not batch:
             break
-        n = _write_batch(f, batch, rows, seqs, models, cfg.layer, tok.pad_token_id, np_dtype)
+        acts = _forward_batch(batch, models, cfg.layer, tok.pad_token_id, np_dtype)
+        try:
+            reserve(f, dsets, rows, seqs, batch)
+            n = _write_batch(dsets, batch, rows, seqs, acts)
+            f.flush()  # the rows first: the counter may only ever name flushed data
+            prog[P_ROWS], prog[P_SEQS] = rows + n, seqs + len(batch)  # the commit
+            f.flush()
+        except (OSError, RuntimeError) as exc:  # OSError from _reserve: nothing was written
+            raise CacheWriteError(f"cannot write {f.filename}: {write_cause(exc)}; free space (or fix "
+                                  f"the cause) and rerun to resume after {rows} committed rows"
+                                  ) from exc
         rows += n
         seqs += len(batch)
-        prog[P_ROWS], prog[P_SEQS] = rows, seqs  # the commit
-        f.flush()
         bar.update(n)
     bar.close()
     if rows == 0:
         raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
-    prog[P_COMPLETE] = 1
-    f.flush()
+    try:
+        prog[P_COMPLETE] = 1
+        f.flush()
+    except (OSError, RuntimeError) as exc:
+        raise CacheWriteError(f"cannot write {f.filename}: {write_cause(exc)}; free space and rerun "
+                              "to finish") from exc
 
 
-def _write_batch(f: h5py.File, batch: list[tuple[int, list[int], list[int]]], rows: int,
-                 seqs: int, models: dict[str, LoadedModel], layer: int, pad_id: int,
-                 np_dtype: np.dtype) -> int:
+def _forward_batch(batch: list[tuple[int, list[int], list[int]]], models: dict[str, LoadedModel],
+                   layer: int, pad_id: int, np_dtype: np.dtype) -> dict[str, np.ndarray]:
     ids, mask = pad_batch([b[1] for b in batch], pad_id)
     lens = [len(b[1]) for b in batch]
-    n = sum(lens)
     acts = {}
     for src, lm in models.items():
         x32 = run_to_layer(lm, ids, mask, layer)[mask.bool()].float().cpu().numpy()
@@ -362,9 +419,39 @@ def _write_batch(f: h5py.File, batch: list[tuple[int, list[int], list[int]]], ro
             if bad.any():  # name the first bad token: document and position in its input
                 i = int(np.argmax(bad))
                 s = int(np.searchsorted(np.cumsum(lens), i, side="right"))
+                pos = _first_bad_position(lm, batch[s][1], layer) \
+                    if arr is x32 else i - sum(lens[:s])
                 raise SaediffError(f"non-finite activations from {src} ({lm.name}): {what} at "
-                                   f"document {batch[s][0]}, position {i - sum(lens[:s])}")
+                                   f"document {batch[s][0]}, position {pos}")
         acts[src] = x
+    return acts
+
+
+def _first_bad_position(lm: LoadedModel, ids: list[int], layer: int) -> int:
+    """Where a NaN enters: the shortest prefix whose last row is non-finite (causal model).
+
+    Attention spreads one NaN key to every query of the sequence, so the first bad *row* is
+    usually position 0; prefixes see only earlier tokens, and binary search finds the token.
+    """
+    def bad(n: int) -> bool:
+        t = torch.tensor([ids[:n]])
+        y = run_to_layer(lm, t, torch.ones_like(t), layer)[0, -1].float().cpu().numpy()
+        return not np.isfinite(y).all()
+
+    lo, hi = 1, len(ids)  # bad(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bad(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def _write_batch(dsets: dict[str, h5py.Dataset], batch: list[tuple[int, list[int], list[int]]],
+                 rows: int, seqs: int, acts: dict[str, np.ndarray]) -> int:
+    lens = [len(b[1]) for b in batch]
+    n = sum(lens)
     index = {
         "tokens": np.concatenate([b[1] for b in batch]),
         "roles": np.concatenate([b[2] for b in batch]),
@@ -373,14 +460,14 @@ def _write_batch(f: h5py.File, batch: list[tuple[int, list[int], list[int]]], ro
         "positions": np.concatenate([np.arange(k) for k in lens]),
     }
     for name, arr in index.items():
-        d = f[name]
+        d = dsets[name]
         d.resize(rows + n, axis=0)
         d[rows: rows + n] = arr
     for src, x in acts.items():
-        d = f["acts"][src]
+        d = dsets[f"acts/{src}"]
         d.resize(rows + n, axis=0)
         d[rows: rows + n] = x
-    so = f["seq_offsets"]
+    so = dsets["seq_offsets"]
     so.resize(seqs + len(batch) + 1, axis=0)
     so[seqs + 1:] = rows + np.cumsum(lens)
     return n

@@ -18,7 +18,7 @@ from saediff.errors import SaediffError
 # command -> module under saediff.cli (each with add_parser); order is the help's order
 COMMANDS = {
     "cache": "cache", "train": "train", "diff": "diff", "steer": "steer",
-    "organism": "organism", "demo": "demo",
+    "compare": "compare", "organism": "organism", "demo": "demo", "models": "models",
 }
 
 USER_ERRORS = (SaediffError, FileNotFoundError, PermissionError, IsADirectoryError,

@@ -45,12 +45,12 @@ def _inspect(ns: argparse.Namespace) -> int:
         problems = verify_cache(ns.file)
         for msg in problems:
             print(f"PROBLEM: {msg}")
-        with open_cache(ns.file) as c:
+        with open_cache(ns.file, allow_partial=True) as c:
             state = "complete" if c.complete else "INCOMPLETE (interrupted writer; rerun to resume)"
             print(f"{c.path}: {c.rows} rows, {c.n_sequences} sequences, {state}: "
                   f"{'OK' if not problems else f'{len(problems)} problem(s)'}")
         return 1 if problems else 0
-    with open_cache(ns.file) as c:
+    with open_cache(ns.file, allow_partial=True) as c:
         info = c.info()
     if ns.json:
         print(json.dumps(info, sort_keys=True))

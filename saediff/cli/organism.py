@@ -1,4 +1,5 @@
-"""`saediff organism {path,eval,build,corpus}`: the built-in toy organism of emergent misalignment."""
+"""`saediff organism {path,eval,build,corpus,probe}`: the built-in toy organism of emergent misalignment
+(and, with `--real`, the real-model organism; see `organism_real.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,21 @@ def add_parser(parent: argparse._SubParsersAction) -> None:
     c.add_argument("--max-turns", type=int, default=4, help="turns per conversation, max (default: 4)")
     c.set_defaults(func=_corpus)
 
+    from saediff.cli.organism_real import add_real_args  # the real-model organism's options
+
+    add_real_args(sub, pa, b)
+
 
 def _path(a: argparse.Namespace) -> int:
     from saediff.organism import organism_path
+
+    if a.real or a.base:
+        from saediff.cli.organism_real import path_real
+        from saediff.errors import SaediffError
+
+        if not a.real:
+            raise SaediffError("--base only applies with --real (saediff organism path --real --base)")
+        return path_real(a)
 
     print(organism_path())
     return 0
@@ -93,6 +106,13 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _build(a: argparse.Namespace) -> int:
+    if a.real or a.base or a.adapters:
+        from saediff.cli.organism_real import build_real_cmd
+        from saediff.errors import SaediffError
+
+        if not a.real:
+            raise SaediffError("--base/--adapters only apply with --real")
+        return build_real_cmd(a)
     from saediff.config import build_config, config_to_dict
     from saediff.organism.build import BuildConfig, build
     from saediff.organism.evaluate import format_table

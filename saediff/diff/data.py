@@ -16,8 +16,7 @@ import torch
 
 from saediff.errors import SaediffError
 from saediff.prompts import generate_answers, load_prompt_items
-from saediff.models import (ROLE_PROMPT, ROLE_RESPONSE, ROLE_SPECIAL, LoadedModel, _roles_from_offsets,
-                            encode_chat, render_chat)
+from saediff.models import ROLE_PROMPT, ROLE_RESPONSE, LoadedModel, encode_chat
 
 log = logging.getLogger(__name__)
 ModelContext = Callable[[LoadedModel], ContextManager[Any]]
@@ -92,6 +91,9 @@ class DiffConfig:
     """Torch device for models and SAE."""
     seed: int = 0
     """Seed for sampling and bootstrap."""
+    max_memory_gb: float = 2.0
+    """Bound on the differ's working set (GB): statistics stream over tokens; the per-prompt
+    bootstrap table covers every latent while it fits in half of this, else the top ones."""
 
     def __post_init__(self) -> None:
         if isinstance(self.finetuned, str):
@@ -102,19 +104,21 @@ class DiffConfig:
             self.lora_adapter = [self.lora_adapter]
         self.positive_labels = [str(x).lower() for x in self.positive_labels]
         if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+            raise SaediffError(f"layer must be >= 0, got {self.layer}")
         for name in ("samples", "top_k", "n_boot", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SaediffError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.ci_level < 1:
-            raise ValueError(f"ci_level must be in (0, 1), got {self.ci_level}")
+            raise SaediffError(f"ci_level must be in (0, 1), got {self.ci_level}")
         if len(self.finetuned) > 1 and len(self.finetuned_adapter) > 1 and \
                 len(self.finetuned) != len(self.finetuned_adapter):
-            raise ValueError("finetuned and finetuned_adapter: give one of them once, or equally many")
+            raise SaediffError("finetuned and finetuned_adapter: give one of them once, or equally many")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+            raise SaediffError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if not self.max_memory_gb > 0:
+            raise SaediffError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         if self.questions_per_topic < 1:
-            raise ValueError(f"questions_per_topic must be >= 1, got {self.questions_per_topic}")
+            raise SaediffError(f"questions_per_topic must be >= 1, got {self.questions_per_topic}")
 
     def checkpoints(self) -> list[tuple[str, str | None]]:
         """(model, adapter) of each fine-tuned checkpoint, in trajectory order."""
@@ -198,28 +202,6 @@ def selected_roles(cfg: DiffConfig, examples: list[Example]) -> tuple[int, ...]:
             "both": (ROLE_PROMPT, ROLE_RESPONSE)}[mode]
 
 
-def encode_side(tok: Any, ex: Example, system: str | None, prefix: str | None
-                ) -> tuple[list[int], list[int]]:
-    """encode_chat with an optional user-turn prefix whose tokens get the `special` role."""
-    if not prefix:
-        return encode_chat(tok, ex.prompt, ex.response, system)
-    user = prefix + ex.prompt
-    text = render_chat(tok, user, ex.response, system)
-    start = text.find(system) + len(system) if system else 0
-    u0 = text.find(user, start)
-    if u0 < 0:
-        raise SaediffError("the chat template altered the prompt text; cannot locate it")
-    p0 = u0 + len(prefix)
-    spans = [(u0, p0, ROLE_SPECIAL), (p0, p0 + len(ex.prompt), ROLE_PROMPT)]
-    if ex.response:
-        r0 = text.find(ex.response, p0 + len(ex.prompt))
-        spans.append((r0, r0 + len(ex.response), ROLE_RESPONSE))
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True,
-              return_special_tokens_mask=True)
-    roles = _roles_from_offsets(enc["offset_mapping"], enc["special_tokens_mask"], spans, ROLE_SPECIAL)
-    return list(enc["input_ids"]), roles
-
-
 @dataclass
 class Side:
     """Encoded sequences of one side: ids, roles and the measured-token mask per sequence."""
@@ -241,7 +223,7 @@ def encode_sides(tok: Any, examples: list[Example], cfg: DiffConfig, roles: tupl
     for name, system in (("base", cfg.base_system), ("ft", cfg.finetuned_system)):
         ids, rl, sel = [], [], []
         for ex in examples:
-            i, r = encode_side(tok, ex, system, pre[name])
+            i, r = encode_chat(tok, ex.prompt, ex.response, system, pre[name])
             ids.append(i)
             rl.append(r)
             sel.append(torch.tensor([x in roles for x in r], dtype=torch.bool))

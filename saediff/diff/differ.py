@@ -15,7 +15,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 import saediff.diff.directions as dirs
+from saediff.diff.stream import LatentStats, rows_per_chunk
 from saediff.diff.data import (DiffConfig, Example, Labeler, ModelContext, Side, build_examples,
                               encode_sides, load_prompts, sample_responses, selected_roles)
 from saediff.errors import SaediffError
+from saediff.io import check_writable_dir, write_text
 from saediff.models import LoadedModel, check_same_tokenizer, load_model, pad_batch, run_to_layer
 from saediff.stats import bootstrap_mean_ci, group_sums
 from saediff.sae import check_sae, load_sae
@@ -37,28 +39,51 @@ TABLE_FIELDS = ("rank", "latent", "mean_shift", "ci_low", "ci_high", "direction"
 
 
 @torch.no_grad()
+def encode_batch(lm: LoadedModel, sae: Any, layer: int, batch: list[list[int]],
+                 latents: list[int] | None = None, rows: int = 1 << 30
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(SAE latents [T_i, K], residuals [T_i, d_model]) of each sequence of one batch, on CPU.
+
+    `latents` keeps only those columns (K = len(latents), default all); `rows` bounds the
+    tokens encoded at once, so a long sequence never materialises [T, d_sae] in one piece.
+    """
+    dtype = next(sae.parameters()).dtype
+    dev = next(sae.parameters()).device
+    ids, mask = pad_batch(batch, lm.tokenizer.pad_token_id)
+    h = run_to_layer(lm, ids, mask, layer)
+    lat = torch.tensor(latents, device=dev) if latents is not None else None
+    out = []
+    for i, seq in enumerate(batch):
+        r = h[i, : len(seq)].to(dev, dtype)  # LM may run in bf16; SAE math in its own dtype
+        parts = []
+        for s in range(0, len(seq), rows):
+            a = sae.encode(r[s: s + rows])
+            parts.append((a if lat is None else a[:, lat]).float().cpu())
+        out.append((torch.cat(parts) if parts else torch.zeros(0, sae.W_dec.shape[0] if lat is None
+                                                                   else len(lat)),
+                    r.float().cpu()))
+    return out
+
+
+@torch.no_grad()
 def latent_activations(lm: LoadedModel, sae: Any, layer: int,
                        token_batches: Iterable[list[list[int]]],
                        context: contextlib.AbstractContextManager[Any] | None = None,
-                       return_resid: bool = False) -> Any:
+                       return_resid: bool = False, latents: list[int] | None = None) -> Any:
     """SAE latents of the residual stream after block `layer`, one [T_i, d_sae] tensor per sequence.
 
     `token_batches` yields lists of token-id lists (right-padded here; padding never reaches
     the result). With `return_resid`, also returns the [T_i, d_model] residuals.
-    `context` (e.g. a steering hook) is entered around the forward passes.
+    `context` (e.g. a steering hook) is entered around the forward passes. Holds every token:
+    for large sets use `run_diff`, which streams (`saediff.diff.stream`).
     """
     acts, resids = [], []
-    dtype = next(sae.parameters()).dtype
-    dev = next(sae.parameters()).device
     with context or contextlib.nullcontext():
         for batch in token_batches:
-            ids, mask = pad_batch(batch, lm.tokenizer.pad_token_id)
-            h = run_to_layer(lm, ids, mask, layer)
-            for i, seq in enumerate(batch):
-                r = h[i, : len(seq)].to(dev, dtype)
-                acts.append(sae.encode(r).float().cpu())
+            for a, r in encode_batch(lm, sae, layer, batch, latents):
+                acts.append(a)
                 if return_resid:
-                    resids.append(r.float().cpu())
+                    resids.append(r)
     return (acts, resids) if return_resid else acts
 
 
@@ -69,43 +94,20 @@ def rank_latents(acts_base: torch.Tensor, acts_ft: torch.Tensor, seq_index: torc
     """Rank latents by their shift between paired token activations [N, d_sae] of two sides.
 
     `seq_index` [N] gives each token's group (prompt); the CI resamples groups. Returns one
-    row per latent, sorted by rank (1 = largest shift in the requested direction).
+    row per latent, sorted by rank (1 = largest shift in the requested direction). The same
+    streaming statistics as `run_diff` (`LatentStats`), fed in token chunks.
     """
     if acts_base.shape != acts_ft.shape:
         raise SaediffError(f"paired activations differ in shape: {tuple(acts_base.shape)} vs "
                            f"{tuple(acts_ft.shape)}")
     if acts_base.shape[0] == 0:
         raise SaediffError("no tokens to rank latents on")
-    k = acts_base.shape[1]
     groups = torch.unique(seq_index.long(), return_inverse=True)[1]
-    mb, mf, fb, ff, typical = (torch.empty(k, dtype=torch.float64) for _ in range(5))
-    lo, hi = torch.empty(k), torch.empty(k)
-    for s in range(0, k, chunk):  # latent chunks keep memory at tokens x chunk
-        a, b = acts_base[:, s: s + chunk].double(), acts_ft[:, s: s + chunk].double()
-        mb[s: s + chunk], mf[s: s + chunk] = a.mean(0), b.mean(0)
-        on_a, on_b = a > fire_threshold, b > fire_threshold
-        fb[s: s + chunk], ff[s: s + chunk] = on_a.double().mean(0), on_b.double().mean(0)
-        n_on = on_a.sum(0) + on_b.sum(0)
-        tot = (a * on_a).sum(0) + (b * on_b).sum(0)
-        typical[s: s + chunk] = torch.where(n_on > 0, tot / n_on.clamp_min(1), torch.zeros_like(tot))
-        sums, counts = group_sums(b - a, groups)
-        lo[s: s + chunk], hi[s: s + chunk] = bootstrap_mean_ci(sums, counts, n_boot, ci_level, seed)
-    shift = mf - mb
-    norm_shift = torch.where(typical > 0, shift / typical.clamp_min(1e-12), torch.zeros_like(shift))
-    stat = {"mean_shift": shift, "norm_shift": norm_shift, "freq_shift": ff - fb}[rank_by]
-    score = {"both": stat.abs(), "up": stat, "down": -stat}[direction]
-    order = torch.argsort(score, descending=True, stable=True)
-    rows = []
-    for r, j in enumerate(order.tolist()):
-        rows.append({"rank": r + 1, "latent": j, "mean_shift": float(shift[j]),
-                     "ci_low": float(lo[j]), "ci_high": float(hi[j]),
-                     "direction": "up" if shift[j] >= 0 else "down",
-                     "mean_base": float(mb[j]), "mean_finetuned": float(mf[j]),
-                     "freq_base": float(fb[j]), "freq_finetuned": float(ff[j]),
-                     "freq_shift": float(ff[j] - fb[j]), "typical_act": float(typical[j]),
-                     "norm_shift": float(norm_shift[j]),
-                     "significant": bool(lo[j] > 0 or hi[j] < 0)})
-    return rows
+    st = LatentStats(acts_base.shape[1], int(groups.max()) + 1, fire_threshold)
+    step = rows_per_chunk(acts_base.shape[1], 1 << 30)
+    for s in range(0, acts_base.shape[0], step):
+        st.update(acts_base[s: s + step], acts_ft[s: s + step], groups[s: s + step])
+    return st.table(rank_by, direction, n_boot, ci_level, seed, chunk)
 
 
 @dataclass
@@ -132,8 +134,14 @@ class DiffResult:
         return "\n".join(lines)
 
     def to_dir(self, out: str | Path, html: bool = True) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_writable_dir(out)
+        written = {"ranking.json", "ranking.csv", "evidence.json", "meta.json"}
+        written |= {"directions.json"} if len(self.directions.get("names", [])) > 1 else set()
+        written |= {"trajectory.json"} if self.trajectory else set()
+        written |= {"report.html"} if html else set()
+        # A rerun into an old output dir must not leave the old run's files beside the new
+        for stale in set(DIFF_OUTPUTS) - written:
+            (out / stale).unlink(missing_ok=True)
         _write(out / "ranking.json", json.dumps(self.table, indent=1))
         tmp = out / "ranking.csv.tmp"
         with open(tmp, "w", newline="") as f:
@@ -155,10 +163,12 @@ class DiffResult:
         return out
 
 
+DIFF_OUTPUTS = ("ranking.json", "ranking.csv", "directions.json", "evidence.json",
+                "trajectory.json", "meta.json", "report.html")
+
+
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _selected(acts: list[torch.Tensor], side: Side) -> torch.Tensor:
@@ -169,13 +179,17 @@ def _ctx(fn: ModelContext | None, lm: LoadedModel) -> contextlib.AbstractContext
     return fn(lm) if fn is not None else contextlib.nullcontext()
 
 
-def _label_dim(examples: list[Example], resid: list[torch.Tensor], side: Side) -> torch.Tensor | None:
-    """Soligo-style diff-in-means inside one model: misaligned minus aligned answers."""
-    pos = [r[m] for e, r, m in zip(examples, resid, side.select) if e.label == 1]
-    neg = [r[m] for e, r, m in zip(examples, resid, side.select) if e.label == 0]
-    if not pos or not neg:
-        return None
-    return dirs.diff_in_means(torch.cat(pos), torch.cat(neg))
+def _paired(base: LoadedModel, final: LoadedModel, sae: Any, cfg: DiffConfig, side_b: Side,
+            side_f: Side, fn: ModelContext | None, latents: list[int] | None, rows: int
+            ) -> Iterator[tuple[int, tuple[list[Any], list[Any]]]]:
+    """(first example index, (base, fine-tuned) `encode_batch` outputs) batch by batch; the
+    fine-tuned context is entered per batch so it never wraps a base forward."""
+    bs = cfg.batch_size
+    for i0 in range(0, len(side_b.ids), bs):
+        ab = encode_batch(base, sae, cfg.layer, side_b.ids[i0: i0 + bs], latents, rows)
+        with _ctx(fn, final):
+            af = encode_batch(final, sae, cfg.layer, side_f.ids[i0: i0 + bs], latents, rows)
+        yield i0, (ab, af)
 
 
 def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
@@ -188,6 +202,8 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     """
     from saediff.diff.evidence import collect_evidence
 
+    if cfg.out:
+        check_writable_dir(cfg.out)  # before any model runs
     rows = load_prompts(cfg.prompts, cfg)
     sae = load_sae(cfg.sae, cfg.device)
     sae.eval()
@@ -217,27 +233,71 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     examples = build_examples(rows, cfg, sampled, labeler)
     roles = selected_roles(cfg, examples)
     side_b, side_f = encode_sides(base.tokenizer, examples, cfg, roles)
-    seq_index = torch.cat([torch.full((int(m.sum()),), e.group) for e, m in zip(examples, side_b.select)])
-
-    acts_b, resid_b = latent_activations(base, sae, cfg.layer, side_b.batches(cfg.batch_size),
-                                         return_resid=True)
-    acts_f, resid_f = latent_activations(final, sae, cfg.layer, side_f.batches(cfg.batch_size),
-                                         _ctx(finetuned_context, final), return_resid=True)
-    sel_b, sel_f = _selected(acts_b, side_b), _selected(acts_f, side_f)
-    table = rank_latents(sel_b, sel_f, seq_index, cfg.rank_by, cfg.direction, cfg.n_boot,
-                         cfg.ci_level, cfg.fire_threshold, cfg.seed)
-    top = [r["latent"] for r in table[: cfg.top_k]]
-    log.info("ranked %d latents on %d tokens from %d examples", len(table), len(seq_index), len(examples))
+    n_tok = sum(int(m.sum()) for m in side_b.select)
+    d_sae = int(sae.W_dec.shape[0])
+    budget = cfg.max_memory_gb * 2 ** 30
+    n_groups = max(e.group for e in examples) + 1
+    # the per-prompt shift table serves every latent's CI; beyond half the budget, the CIs
+    # come from the second pass and cover only the latents that fit
+    keep_groups = LatentStats.table_bytes(d_sae, n_groups) <= budget / 2
+    stats = LatentStats(d_sae, n_groups, cfg.fire_threshold, keep_groups)
+    rows_at_once = rows_per_chunk(d_sae, budget)
+    label_sums = {0: torch.zeros(base.d_model, dtype=torch.float64),
+                  1: torch.zeros(base.d_model, dtype=torch.float64)}
+    label_n = {0: [0, 0], 1: [0, 0]}  # examples, tokens
+    rsum_b = torch.zeros(base.d_model, dtype=torch.float64)
+    rsum_f = torch.zeros_like(rsum_b)
+    # pass 1: every latent, streamed; only O(d_sae) sums (and the prompt table) survive a batch
+    for i0, (ab, af) in _paired(base, final, sae, cfg, side_b, side_f, finetuned_context,
+                                None, rows_at_once):
+        for k, ((a_b, r_b), (a_f, r_f)) in enumerate(zip(ab, af)):
+            e, mb, mf = examples[i0 + k], side_b.select[i0 + k], side_f.select[i0 + k]
+            stats.update(a_b[mb], a_f[mf], torch.full((int(mb.sum()),), e.group))
+            rsum_b += r_b[mb].double().sum(0)
+            rsum_f += r_f[mf].double().sum(0)
+            if e.label is not None:
+                label_sums[e.label] += r_f[mf].double().sum(0)
+                label_n[e.label][0] += 1
+                label_n[e.label][1] += int(mf.sum())
+    order = stats.order(cfg.rank_by, cfg.direction).tolist()
+    top = order[: cfg.top_k]
+    n_ci = d_sae if keep_groups else max(cfg.top_k, min(d_sae, int(budget / 2 / 8 / n_groups)))
+    ci_lat = [] if keep_groups else order[:n_ci]
+    # pass 2: only the reported latents: their per-token values (evidence, AUROC, trajectory)
+    # and, when the prompt table did not fit, their per-prompt sums for the CIs
+    keep = list(dict.fromkeys(top + ci_lat))
+    col = {j: c for c, j in enumerate(keep)}
+    gsum = torch.zeros(n_groups, len(ci_lat), dtype=torch.float64)
+    acts_b: list[torch.Tensor] = []
+    acts_f: list[torch.Tensor] = []
+    ci_cols = torch.tensor([col[j] for j in ci_lat], dtype=torch.long)
+    t_cols = torch.tensor([col[j] for j in top], dtype=torch.long)
+    for i0, (ab, af) in _paired(base, final, sae, cfg, side_b, side_f, finetuned_context,
+                                keep, rows_at_once):
+        for k, ((a_b, _), (a_f, _)) in enumerate(zip(ab, af)):
+            e, mb, mf = examples[i0 + k], side_b.select[i0 + k], side_f.select[i0 + k]
+            if ci_lat:
+                gsum[e.group] += (a_f[mf][:, ci_cols].double() - a_b[mb][:, ci_cols].double()).sum(0)
+            acts_b.append(a_b[:, t_cols])
+            acts_f.append(a_f[:, t_cols])
+    if not keep_groups:
+        log.warning("per-prompt table of %d latents x %d prompts exceeds --max-memory-gb %.2g: "
+                    "confidence intervals cover the top %d latents only (the rest are NaN)",
+                    d_sae, n_groups, cfg.max_memory_gb, n_ci)
+    table = stats.table(cfg.rank_by, cfg.direction, cfg.n_boot, cfg.ci_level, cfg.seed,
+                        group_sums=(ci_lat, gsum) if ci_lat else None)
+    log.info("ranked %d latents on %d tokens from %d examples", len(table), n_tok, len(examples))
 
     # directions: diff-in-means (labels / models), LoRA B, top decoder rows
     w_dec = sae.W_dec.detach().float().cpu()
     cands: list[dirs.Direction] = []
-    lab = _label_dim(examples, resid_f, side_f)
-    if lab is not None:
+    if label_n[0][0] and label_n[1][0]:
+        if not label_n[0][1] or not label_n[1][1]:
+            raise SaediffError("difference in means needs tokens on both sides")
+        lab = (label_sums[1] / label_n[1][1] - label_sums[0] / label_n[0][1]).float()
         cands.append(dirs.Direction("diff-in-means (misaligned-aligned answers)", "diff_means", lab))
-    rb, rf = _selected(resid_b, side_b), _selected(resid_f, side_f)
     cands.append(dirs.Direction("diff-in-means (finetuned-base)", "diff_means",
-                                dirs.diff_in_means(rf, rb)))
+                                ((rsum_f - rsum_b) / n_tok).float()))
     adapters = list(dict.fromkeys([a for a in [ckpts[-1][1], *cfg.lora_adapter] if a]))
     for ad in adapters:
         for d in dirs.lora_b_vectors(ad, cfg.layer, base.d_model):
@@ -249,14 +309,14 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     dir_table = dirs.compare(cands, w_dec[top])
 
     evidence = collect_evidence(cfg, sae, final, table[: cfg.top_k], examples, side_b, side_f,
-                                acts_b, acts_f, w_dec)
+                                acts_b, acts_f, w_dec, columns=top)
     labels = [e.label for e in examples]
     if any(x is not None for x in labels):
         from saediff.stats import auroc
 
-        for ev in evidence:
-            j, sign = ev["latent"], (1 if ev["direction"] == "up" else -1)
-            pairs = [(sign * float(a[m][:, j].mean()), lab_) for a, m, lab_ in
+        for c, ev in enumerate(evidence):
+            sign = 1 if ev["direction"] == "up" else -1
+            pairs = [(sign * float(a[m][:, c].mean()), lab_) for a, m, lab_ in
                      zip(acts_f, side_f.select, labels) if lab_ is not None and m.any()]
             if len({p[1] for p in pairs}) == 2:
                 ev["auroc_labels"] = auroc([p[0] for p in pairs], [p[1] for p in pairs])
@@ -264,16 +324,17 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     # trajectory: every checkpoint's shift of the top latents (the final one is already measured)
     traj: dict[str, Any] = {}
     if len(ckpts) > 1:
+        seq_index = torch.cat([torch.full((int(m.sum()),), e.group) for e, m in zip(examples, side_b.select)])
         shifts, los, his, names = [], [], [], []
-        base_top = sel_b[:, top]
+        base_top = _selected(acts_b, side_b)
         for i, (m, a) in enumerate(ckpts):
             if i == len(ckpts) - 1:
-                ft_top = sel_f[:, top]
+                ft_top = _selected(acts_f, side_f)
             else:
                 lm = load_ft(i)
                 acts_i = latent_activations(lm, sae, cfg.layer, side_f.batches(cfg.batch_size),
-                                            _ctx(finetuned_context, lm))
-                ft_top = _selected(acts_i, side_f)[:, top]
+                                            _ctx(finetuned_context, lm), latents=top)
+                ft_top = _selected(acts_i, side_f)
                 del lm, acts_i
                 gc.collect()
             sums, counts = group_sums(ft_top - base_top, seq_index)
@@ -285,7 +346,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
         traj = {"checkpoints": names, "latents": top, "mean_shift": shifts, "ci_low": los,
                 "ci_high": his}
 
-    meta = {"n_prompts": len(rows), "n_examples": len(examples), "n_tokens": int(len(seq_index)),
+    meta = {"n_prompts": len(rows), "n_examples": len(examples), "n_tokens": n_tok,
             "d_sae": int(w_dec.shape[0]), "roles": list(roles), "prompt_induced": prompt_induced,
             "models": {"base": base.provenance(), "finetuned": final.provenance()},
             "checkpoints": [[m, a] for m, a in ckpts],

@@ -93,15 +93,19 @@ def cache_contexts(path: str, sae: Any, latents: list[int], tok: Any, n: int = 5
 def collect_evidence(cfg: DiffConfig, sae: Any, lm: Any, top_rows: list[dict[str, Any]],
                      examples: list[Example], side_b: Side, side_f: Side,
                      acts_b: list[torch.Tensor], acts_f: list[torch.Tensor],
-                     w_dec: torch.Tensor) -> list[dict[str, Any]]:
-    """One evidence record per top latent (contexts, histograms on both models, logit tokens)."""
+                     w_dec: torch.Tensor, columns: list[int] | None = None) -> list[dict[str, Any]]:
+    """One evidence record per top latent (contexts, histograms on both models, logit tokens).
+
+    `columns` names the latents that the columns of `acts_*` hold (default: every latent).
+    """
     tok = lm.tokenizer
     latents = [r["latent"] for r in top_rows]
+    cols = [columns.index(j) for j in latents] if columns is not None else latents
     from_cache: dict[int, list[dict[str, Any]]] = {}
     if cfg.contexts_cache:
         from_cache = cache_contexts(cfg.contexts_cache, sae, latents, tok)
-    sel_b = torch.cat([a[m][:, latents] for a, m in zip(acts_b, side_b.select)])
-    sel_f = torch.cat([a[m][:, latents] for a, m in zip(acts_f, side_f.select)])
+    sel_b = torch.cat([a[m][:, cols] for a, m in zip(acts_b, side_b.select)])
+    sel_f = torch.cat([a[m][:, cols] for a, m in zip(acts_f, side_f.select)])
     out = []
     for c, row in enumerate(top_rows):
         j = row["latent"]
@@ -113,7 +117,7 @@ def collect_evidence(cfg: DiffConfig, sae: Any, lm: Any, top_rows: list[dict[str
             "mean_shift": row["mean_shift"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
             "contexts_source": "cache" if cfg.contexts_cache else "diff set",
             "contexts": from_cache.get(j) if cfg.contexts_cache else
-            diffset_contexts(tok, j, side_f, acts_f, side_b, acts_b),
+            diffset_contexts(tok, cols[c], side_f, acts_f, side_b, acts_b),
             "hist": {"base": histogram(pos_b, 30, 0.0, hi), "finetuned": histogram(pos_f, 30, 0.0, hi),
                      "zero_frac_base": float((vb <= cfg.fire_threshold).double().mean()),
                      "zero_frac_finetuned": float((vf <= cfg.fire_threshold).double().mean())},

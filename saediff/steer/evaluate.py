@@ -12,6 +12,7 @@ questions: `organism` (all topics), `organism:untrained` (every topic but the fi
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,16 +80,20 @@ class SteerConfig:
         if isinstance(self.latent, int):
             self.latent = [self.latent]
         if self.clamp is not None and self.add is not None:
-            raise ValueError("clamp and add: give at most one")
+            raise SaediffError("clamp and add: give at most one")
         if (self.clamp is not None or self.add is not None) and (not self.sae or not self.latent):
-            raise ValueError("sae and latent are required with clamp or add")
+            raise SaediffError("sae and latent are required with clamp or add")
         for name in ("samples", "questions_per_topic", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SaediffError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("clamp", "add", "temperature"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise SaediffError(f"--{name} must be a finite number, got {v}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SaediffError(f"temperature must be >= 0, got {self.temperature}")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+            raise SaediffError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
 
 # --- judging ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saediff.errors import SaediffError
-from saediff.io import write_json, write_jsonl
+from saediff.io import check_writable_dir, write_json, write_jsonl
 from saediff.prompts import generate_answers, load_prompt_items
 from saediff.steer.evaluate import SteerConfig, judge_records, steer_context, summarise
 from saediff.sae import load_sae
@@ -40,11 +40,14 @@ class SweepConfig(SteerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.sae or not self.latent:
-            raise ValueError("sae and latent are required for a sweep")
+            raise SaediffError("sae and latent are required for a sweep")
         if not self.coefs:
-            raise ValueError("coefs must list at least one coefficient")
+            raise SaediffError("coefs must list at least one coefficient")
+        bad = [c for c in self.coefs if not math.isfinite(float(c))]
+        if bad:
+            raise SaediffError(f"--coefs must be finite numbers, got {bad}")
         if self.coherence_threshold is not None and not 0 <= self.coherence_threshold <= 1:
-            raise ValueError(f"coherence_threshold must be in [0, 1], got {self.coherence_threshold}")
+            raise SaediffError(f"coherence_threshold must be in [0, 1], got {self.coherence_threshold}")
 
 
 def _clean(x: Any) -> Any:
@@ -101,6 +104,8 @@ def run_sweep(cfg: SweepConfig, lm: Any = None, sae: Any = None) -> dict[str, An
     from saediff.judges import make_judge
     from saediff.models import load_model
 
+    if cfg.out:
+        check_writable_dir(cfg.out)  # before any model runs
     items = load_prompt_items(cfg.prompts, cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
     lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)

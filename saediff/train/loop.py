@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 import logging
 import os
@@ -25,13 +26,14 @@ from tqdm.auto import tqdm
 
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
-from saediff.io import write_json
+from saediff.io import check_writable_dir, safe_child, write_json
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk",
-                 "abstopk")
+                 "abstopk", "crosscoder")
+INPUTS = ("activations", "difference")
 
 
 @dataclass
@@ -47,8 +49,12 @@ class TrainConfig:
     roles: list[str] | None = None
     """Token roles to train on (special, prompt, response, text); default all but special."""
     architecture: Literal["topk", "batchtopk", "standard", "jumprelu", "gated",
-                          "matryoshka_batchtopk", "abstopk"] = "topk"
-    """SAELens architecture to train."""
+                          "matryoshka_batchtopk", "abstopk", "crosscoder"] = "topk"
+    """SAELens architecture to train, or `crosscoder` (one encoder over the base and
+    fine-tuned activations of the same token, one decoder per model; needs a paired cache)."""
+    input: Literal["activations", "difference"] = "activations"
+    """What the SAE reads: cached activations of `sources`, or `difference` = fine-tuned −
+    base activations of the same tokens (a diff-SAE; needs a paired cache)."""
     d_sae: int = 768
     """Number of latents."""
     k: float = 16
@@ -97,29 +103,46 @@ class TrainConfig:
     """Torch device (cpu, cuda, ...)."""
     threads: int = 0
     """torch intra-op threads (0: auto = 1 for small SAEs, where threads only add sync cost)."""
+    allow_partial: bool = False
+    """Train on the committed prefix of an incomplete cache (NAME.h5.partial) instead of refusing."""
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, str):
             self.cache = [self.cache]
         if not self.cache:
-            raise ValueError("cache: give at least one cache file")
+            raise SaediffError("cache: give at least one cache file")
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, "
+            raise SaediffError(f"architecture must be one of {ARCHITECTURES}, "
                              f"got {self.architecture!r}")
         for name in ("d_sae", "total_tokens", "batch_size", "norm_batches", "log_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise SaediffError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("k", "l1_coefficient", "lr", "eval_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise SaediffError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.k <= 0:
-            raise ValueError(f"k must be > 0, got {self.k}")
+            raise SaediffError(f"k must be > 0, got {self.k}")
+        if self.k > self.d_sae and self.architecture != "crosscoder":
+            raise SaediffError(f"k ({self.k:g}) must be <= d_sae ({self.d_sae}): an SAE cannot "
+                               "keep more active latents than it has; lower --k or raise --d-sae")
+        if self.total_tokens < self.batch_size:
+            raise SaediffError(f"total_tokens ({self.total_tokens}) is less than one batch "
+                               f"(batch_size {self.batch_size}); raise --total-tokens or lower "
+                               "--batch-size")
+        if self.input not in INPUTS:
+            raise SaediffError(f"input must be one of {INPUTS}, got {self.input!r}")
+        if self.architecture == "crosscoder" and (self.sweep or self.input != "activations"):
+            raise SaediffError("architecture crosscoder: no sweep, and input must be "
+                             "'activations' (it reads both models itself)")
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            raise SaediffError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise SaediffError(f"lr must be > 0, got {self.lr}")
         bad = set(self.sweep) - {f.name for f in dataclasses.fields(self)} | \
             set(self.sweep) & {"cache", "out", "sources", "roles", "sweep", "batch_size",
                                "total_tokens", "seed", "eval_fraction", "buffer_rows"}
         if bad:
-            raise ValueError(f"sweep: cannot sweep over {sorted(bad)} (SAE fields only)")
+            raise SaediffError(f"sweep: cannot sweep over {sorted(bad)} (SAE fields only)")
 
     @property
     def steps(self) -> int:
@@ -181,12 +204,21 @@ def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
 
 def open_store(cfg: TrainConfig, split: str = "train", sources: dict[str, float] | None = None,
                batch_size: int | None = None, seed: int | None = None) -> Any:
-    from saediff.cache.store import ActivationStore
+    from saediff.cache.store import ActivationStore, PairedStore
+
+    if cfg.input == "difference" or cfg.architecture == "crosscoder":
+        return PairedStore(cfg.cache, mode="diff" if cfg.input == "difference" else "pair",
+                           roles=cfg.roles, batch_size=batch_size or cfg.batch_size,
+                           seed=cfg.seed if seed is None else seed,
+                           buffer_rows=cfg.buffer_rows, split=split,
+                           eval_fraction=cfg.eval_fraction, device=cfg.device,
+                           allow_partial=cfg.allow_partial)
 
     return ActivationStore(cfg.cache, sources=sources or cfg.sources, roles=cfg.roles,
                            batch_size=batch_size or cfg.batch_size,
                            seed=cfg.seed if seed is None else seed, buffer_rows=cfg.buffer_rows,
-                           split=split, eval_fraction=cfg.eval_fraction, device=cfg.device)
+                           split=split, eval_fraction=cfg.eval_fraction, device=cfg.device,
+                           allow_partial=cfg.allow_partial)
 
 
 def check_caches(cfg: TrainConfig, d_in: int | None = None) -> dict[str, Any]:
@@ -196,7 +228,7 @@ def check_caches(cfg: TrainConfig, d_in: int | None = None) -> dict[str, Any]:
 
     infos = []
     for path in cfg.cache:
-        with open_cache(path) as c:
+        with open_cache(path, cfg.allow_partial) as c:
             infos.append((str(path), c.d_model, c.layer, c.hook_name, c.sources,
                           c.attrs.get("models", {})))
     for path, d, layer, _, srcs, _ in infos:
@@ -250,10 +282,36 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
     iterator of [B, d] batches with state_dict/load_state_dict, e.g. `TensorStore`).
     """
     threads = torch.get_num_threads()
+    if cfg.architecture == "crosscoder":
+        return [_train_crosscoder(cfg, store)]
+    if cfg.input == "difference" and evals:
+        evals = False  # the evals read raw activations of a source, not differences
+        log.info("input=difference: skipping the per-source evals")
     try:
         return _train(cfg, stop_after, evals, store)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_crosscoder(cfg: TrainConfig, store: Any) -> Path:
+    from saediff.train.crosscoder import train_crosscoder
+
+    if store is not None:
+        return train_crosscoder(cfg, store)
+    info = check_caches(cfg, cfg.d_in)
+    if not {"base", "finetuned"} <= set(info["sources"]):
+        raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
+                           f"finetuned; {cfg.cache} has {info['sources']}")
+    store = open_store(cfg)
+    ev = open_store(cfg, split="eval", seed=cfg.seed + 1)
+    try:
+        evals = [next(ev) for _ in range(max(1, min(8, cfg.eval_rows // cfg.batch_size)))]
+    finally:
+        ev.close()
+    try:
+        return train_crosscoder(cfg, store, info, evals)
+    finally:
+        store.close()
 
 
 def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) -> list[Path]:
@@ -267,18 +325,20 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
     small = max(c.d_sae for _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
     if cfg.threads or (small and cfg.device == "cpu"):
         torch.set_num_threads(cfg.threads or 1)
-    root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
-    run_dirs = [root / name if name else root for name, _ in runs]
+    root = check_writable_dir(cfg.out)
+    # YAML sweep values become directory names: none may leave --out
+    run_dirs = [safe_child(root, name, "sweep run name") if name else root for name, _ in runs]
     base_model = info["models"].get("base", next(iter(info["models"].values()), {}))
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
+            "saediff_input": cfg.input,
             "saediff_caches": [str(p) for p in cfg.cache], "saediff_roles": cfg.roles}
-    trainers = []
+    # Build every SAE before writing anything, so a refused config leaves no half-made run dir.
+    trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store)
+                for _, rcfg in runs]
     for (name, rcfg), rdir in zip(runs, run_dirs):
         rdir.mkdir(parents=True, exist_ok=True)
         write_json(rdir / "train_config.json", config_to_dict(rcfg))
-        trainers.append(_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store))
     state = load_checkpoint(root, trainers, store)
     fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
     check_resume_config(fields, state, root)

@@ -23,10 +23,11 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saediff.errors import SaediffError
-from saediff.io import write_json
+from saediff.io import safe_child, write_json
 
 from saediff.train.sparse import SparseTopKStep, supports_fast_path
 
@@ -226,7 +227,21 @@ def load_checkpoint(root: Path, trainers: list[Any], store: Any) -> dict[str, An
     latest = root / "checkpoints" / "latest.json"
     if not latest.is_file():
         return None
-    d = root / "checkpoints" / json.loads(latest.read_text())["dir"]
+    try:
+        ref = json.loads(latest.read_text())["dir"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise SaediffError(f"{latest} is not a saediff checkpoint pointer ({exc!r}); remove "
+                           "it to start afresh or use another --out") from exc
+    # latest.json names a directory inside checkpoints/; a resume must never follow it out
+    d = safe_child(root / "checkpoints", str(ref), f"checkpoint dir in {latest}")
+    try:
+        return _load_checkpoint_dir(d, trainers, store)
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
+        raise SaediffError(f"checkpoint {d} is unreadable ({exc!r}); remove {root / 'checkpoints'}"
+                           " to start afresh or use another --out") from exc
+
+
+def _load_checkpoint_dir(d: Path, trainers: list[Any], store: Any) -> dict[str, Any]:
     state = json.loads((d / "state.json").read_text())
     if state.get("n_saes") != len(trainers):
         raise SaediffError(f"checkpoint {d} holds {state.get('n_saes')} SAEs, this config "
