@@ -1,0 +1,130 @@
+"""Train a two-model crosscoder (`saediff.crosscoder.Crosscoder`) from a paired cache.
+
+Reads (base, fine-tuned) activations of the same tokens (`PairedStore`), scales both by one
+shared factor to mean norm sqrt(d) (one factor, so relative decoder norms are unchanged when
+it is folded back), and minimises the summed squared error of both reconstructions with
+BatchTopK sparsity. The inference threshold is the running mean of the smallest kept
+norm-weighted activation per batch. Writes the run directory (cfg.json + safetensors,
+metrics.jsonl, train_config.json, evals.json with FVU and L0 on held-out tokens).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saediff.config import config_to_dict
+from saediff.crosscoder import Crosscoder, CrosscoderCfg
+from saediff.errors import SaediffError
+from saediff.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def _split(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch.dim() != 3 or batch.shape[1] != 2:
+        raise SaediffError(f"crosscoder batches must be [B, 2, d] (base, fine-tuned), got "
+                           f"{tuple(batch.shape)}")
+    return batch[:, 0], batch[:, 1]
+
+
+@torch.no_grad()
+def fold_scale(cc: Crosscoder, scale: float) -> None:
+    """Make a crosscoder trained on x * scale work on raw x (encoder x scale, decoder / scale)."""
+    cc.W_enc.mul_(scale)
+    cc.b_dec.div_(scale)
+    cc.W_dec.div_(scale)
+    # score = f * decoder norm sum: f is unchanged (same pre-activations), norms shrink by scale
+    cc.threshold.div_(scale)
+
+
+@torch.no_grad()
+def crosscoder_evals(cc: Crosscoder, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """{base, finetuned: {fvu, l0, dead_frac, tokens}} on held-out paired batches (raw scale)."""
+    sse, sst, l0, n = torch.zeros(2), torch.zeros(2), 0.0, 0
+    fired = torch.zeros(cc.cfg.d_sae, dtype=torch.bool)
+    xs = [[], []]
+    for b in batches:
+        xb, xf = _split(b)
+        f, rb, rf = cc(xb, xf)
+        for m, (x, r) in enumerate(((xb, rb), (xf, rf))):
+            sse[m] += ((x - r) ** 2).sum()
+            xs[m].append(x)
+        l0 += float((f > 0).sum())
+        n += f.shape[0]
+        fired |= (f > 0).any(0)
+    for m in range(2):
+        x = torch.cat(xs[m])
+        sst[m] = ((x - x.mean(0)) ** 2).sum()
+    fvu = (sse / sst.clamp_min(1e-12)).tolist()
+    # the per-source layout of the SAE evals.json (one shared code, so L0 / dead are shared)
+    return {m: {"fvu": fvu[i], "l0": l0 / max(n, 1), "dead_frac": float((~fired).float().mean()),
+                "tokens": n} for i, m in enumerate(("base", "finetuned"))}
+
+
+def train_crosscoder(cfg: Any, store: Any, info: dict[str, Any] | None = None,
+                     eval_batches: list[torch.Tensor] | None = None) -> Path:
+    """Train per `cfg` (a TrainConfig with architecture crosscoder); returns the run dir.
+
+    `store` yields [B, 2, d] paired batches (`PairedStore`, or a `TensorStore` in tests);
+    `info` is the cache description from `check_caches` (hook name, layer, models).
+    """
+    info = info or {"layer": getattr(store, "layer", -1),
+                    "hook_name": getattr(store, "hook_name", ""), "models": {}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or 1 if cfg.device == "cpu" else threads)
+    try:
+        return _train(cfg, store, info, eval_batches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Any, store: Any, info: dict[str, Any],
+           eval_batches: list[torch.Tensor] | None) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_config.json", config_to_dict(cfg))
+    meta = {"hook_name": info["hook_name"], "layer": info["layer"],
+            "models": info.get("models", {}), "saediff_caches": [str(p) for p in cfg.cache]}
+    first = next(store)
+    d = int(first.shape[-1])  # (a TensorStore's d_model is the pair axis)
+    cc = Crosscoder(CrosscoderCfg(d_in=d, d_sae=cfg.d_sae, k=float(cfg.k), metadata=meta),
+                    seed=cfg.seed).to(cfg.device)
+    probe = [first] + [next(store) for _ in range(cfg.norm_batches - 1)] if cfg.normalize else []
+    scale = float(d ** 0.5 / torch.cat([b.norm(dim=-1).flatten() for b in probe]).mean()) \
+        if probe else 1.0
+    opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    thr_sum, thr_n = 0.0, 0
+    metrics = []
+    for step in tqdm(range(1, cfg.steps + 1), desc="crosscoder", unit="step", disable=None):
+        xb, xf = _split(next(store).to(cfg.device) * scale)
+        f, rb, rf = cc(xb, xf, batch_topk=True)
+        loss = ((xb - rb) ** 2).sum(-1).mean() + ((xf - rf) ** 2).sum(-1).mean()
+        if not torch.isfinite(loss):
+            raise SaediffError(f"crosscoder: non-finite loss at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            score = f * cc.decoder_norms().sum(0)
+            kept = score[score > 0]
+            if kept.numel():
+                thr_sum, thr_n = thr_sum + float(kept.min()), thr_n + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.append({"step": step, "loss": loss.item(),
+                            "l0": float((f > 0).sum(-1).float().mean())})
+    with torch.no_grad():
+        cc.threshold.fill_(thr_sum / max(thr_n, 1))
+    fold_scale(cc, scale)
+    cc.cfg.metadata.update({"saediff_input_scale": scale, "saediff_steps": cfg.steps,
+                            "saediff_tokens": cfg.steps * cfg.batch_size})
+    cc = cc.cpu().eval()
+    cc.save(out)
+    write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    if eval_batches:
+        write_json(out / "evals.json", crosscoder_evals(cc, [b.cpu() for b in eval_batches]))
+    return out
