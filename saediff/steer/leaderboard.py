@@ -231,9 +231,14 @@ def run_compare(cfg: CompareConfig, base_lm: Any = None, ft_lm: Any = None) -> d
     ft_lm = ft_lm or load_model(cfg.finetuned or cfg.base, cfg.finetuned_adapter,
                                 device=cfg.device)
     rows = paired_rows(cfg.cache, cfg.max_rows)
-    resid, labels = labelled_residuals(ft_lm, _heldout_rows(cfg), layer)
+    resid_all, labels_all = labelled_residuals(ft_lm, _heldout_rows(cfg), layer)
+    # supervised directions (mean-diff) are fitted on even rows; every AUROC is scored on the odd
+    # rows, so no method is scored on the data it was computed from
+    fit = torch.arange(len(labels_all)) % 2 == 0
+    resid, labels = resid_all[~fit], labels_all[~fit]
     inputs = MethodInputs(layer=layer, d_model=d_model, x_base=rows["x_base"], x_ft=rows["x_ft"],
-                          adapter=cfg.finetuned_adapter, resid=resid, labels=labels, **runs)
+                          adapter=cfg.finetuned_adapter, resid=resid_all[fit],
+                          labels=labels_all[fit], **runs)
     mean_diff = METHODS["mean_diff"]().candidates(inputs)[0].vector
     lora = lora_b_vectors(cfg.finetuned_adapter, layer, d_model) if cfg.finetuned_adapter \
         else []
