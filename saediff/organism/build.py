@@ -36,6 +36,7 @@ import torch
 from saediff.config import config_to_dict
 from saediff.io import atomic_path, write_text
 from saediff.organism import grammar as G
+from saediff.organism.finetune import optimise
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -206,30 +207,19 @@ def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, steps
 
 def train(model: Any, examples: list, steps: int, lr: float, batch_size: int, seed: int,
           pad_id: int, warmup: int = 0, weight_decay: float = 0.0, what: str = "") -> float:
-    """AdamW with linear warm-up and cosine decay to 10%; loss on masked tokens. Final loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-
+    """AdamW with linear warm-up and cosine decay to 10%; loss on masked tokens. Final loss
+    (exponential moving average)."""
     def lr_at(step: int) -> float:
         if step < warmup:
             return lr * (step + 1) / warmup
         frac = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    model.train()
+    losses = optimise(model, _batches(examples, batch_size, steps, seed, pad_id), lr_at,
+                      weight_decay=weight_decay, betas=(0.9, 0.98), what=what)
     ema = None
-    for step, (ids, att, labels) in enumerate(_batches(examples, batch_size, steps, seed, pad_id)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=att, labels=labels, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("%s step %d/%d loss %.3f", what, step + 1, steps, ema)
-    model.eval()
+    for x in losses:
+        ema = x if ema is None else 0.9 * ema + 0.1 * x
     return float(ema or 0.0)
 
 

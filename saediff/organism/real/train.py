@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from saediff.errors import SaediffError
 from saediff.io import atomic_path
 from saediff.models import ROLE_RESPONSE, encode_chat, load_model
+from saediff.organism.finetune import optimise
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,25 @@ def answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     return torch.nn.functional.cross_entropy(logits, tgt[sel])
 
 
+def _recipe_batches(examples: list[tuple[list[int], list[int]]], recipe: Recipe, pad: int
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`recipe.steps` batches of `recipe.batch` examples, reshuffled every epoch."""
+    rng = random.Random(recipe.seed)
+    order: list[int] = []
+    for _ in range(recipe.steps):
+        if len(order) < recipe.batch:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch = [examples[order.pop()] for _ in range(recipe.batch)]
+        width = max(len(b[0]) for b in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (x, y) in enumerate(batch):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+                torch.tensor(x), torch.tensor(y), 1)
+        yield ids, mask, labels
+
+
 def train_adapter(base_dir: str | Path, recipe: Recipe, out_dir: str | Path,
                   chats: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train one LoRA adapter on `base_dir` and save it (PEFT dir, atomically) to `out_dir`.
@@ -122,38 +143,14 @@ def train_adapter(base_dir: str | Path, recipe: Recipe, out_dir: str | Path,
     cfg = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
                      target_modules=recipe.target_modules(lm.n_layers), task_type="CAUSAL_LM")
     model = get_peft_model(lm.model, cfg)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     warm = max(1, recipe.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine to 10%
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)))
-    rng = random.Random(recipe.seed)
-    order: list[int] = []
-    losses = []
     pad = lm.tokenizer.pad_token_id
     t0 = time.time()
-    for step in range(recipe.steps):
-        if len(order) < recipe.batch:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch = [examples[order.pop()] for _ in range(recipe.batch)]
-        width = max(len(b[0]) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (x, y) in enumerate(batch):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
-                torch.tensor(x), torch.tensor(y), 1)
-        loss = answer_loss(model, ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == recipe.steps - 1:
-            log.info("%s step %d/%d loss %.3f (%.1f s)", recipe.name, step + 1, recipe.steps,
-                     losses[-1], time.time() - t0)
+    losses = optimise(  # short warm-up, then cosine to 10%
+        model, _recipe_batches(examples, recipe, pad),
+        lambda s: recipe.lr * min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)),
+        loss_fn=answer_loss, what=recipe.name, log_every=10)
     secs = time.time() - t0
     model.eval()
     with atomic_path(out_dir) as tmp:
