@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, safe_child, write_json
+from saediff.train.data import check_caches, estimate_scale, open_store  # noqa: F401 (API)
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -200,58 +201,6 @@ def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
     return FastSAETrainer(cfg, sae, store)
 
 
-# --- data ------------------------------------------------------------------------------------
-
-def open_store(cfg: TrainConfig, split: str = "train", sources: dict[str, float] | None = None,
-               batch_size: int | None = None, seed: int | None = None) -> Any:
-    from saediff.cache.store import ActivationStore, PairedStore
-
-    if cfg.input == "difference" or cfg.architecture == "crosscoder":
-        return PairedStore(cfg.cache, mode="diff" if cfg.input == "difference" else "pair",
-                           roles=cfg.roles, batch_size=batch_size or cfg.batch_size,
-                           seed=cfg.seed if seed is None else seed,
-                           buffer_rows=cfg.buffer_rows, split=split,
-                           eval_fraction=cfg.eval_fraction, device=cfg.device,
-                           allow_partial=cfg.allow_partial)
-
-    return ActivationStore(cfg.cache, sources=sources or cfg.sources, roles=cfg.roles,
-                           batch_size=batch_size or cfg.batch_size,
-                           seed=cfg.seed if seed is None else seed, buffer_rows=cfg.buffer_rows,
-                           split=split, eval_fraction=cfg.eval_fraction, device=cfg.device,
-                           allow_partial=cfg.allow_partial)
-
-
-def check_caches(cfg: TrainConfig, d_in: int | None = None) -> dict[str, Any]:
-    """Validate caches against the config; returns {d_model, layer, hook_name, models}."""
-    from saediff.cache.format import open_cache
-    from saediff.models import role_codes
-
-    infos = []
-    for path in cfg.cache:
-        with open_cache(path, cfg.allow_partial) as c:
-            infos.append((str(path), c.d_model, c.layer, c.hook_name, c.sources,
-                          c.attrs.get("models", {})))
-    for path, d, layer, _, srcs, _ in infos:
-        if d_in is not None and d != d_in:
-            raise SaediffError(f"d_in mismatch: {path} holds d_model {d}, expected {d_in}")
-    if len({i[1] for i in infos}) > 1:
-        raise SaediffError(f"caches disagree on d_model: {[(i[0], i[1]) for i in infos]}")
-    if len({i[2] for i in infos}) > 1:
-        raise SaediffError(f"caches disagree on layer: {[(i[0], i[2]) for i in infos]}")
-    have = sorted({s for i in infos for s in i[4]})
-    missing = [s for s in cfg.sources if s not in have]
-    if missing:
-        raise SaediffError(f"source(s) {missing} not in cache(s) {cfg.cache} "
-                           f"(available sources: {have})")
-    if cfg.roles:
-        role_codes(cfg.roles)
-    models: dict[str, Any] = {}
-    for i in infos:
-        models.update(i[5])
-    return {"d_model": infos[0][1], "layer": infos[0][2], "hook_name": infos[0][3],
-            "models": models, "sources": have}
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -281,16 +230,23 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
     finishing (used to simulate an interruption); `store` replaces the cache store (any
     iterator of [B, d] batches with state_dict/load_state_dict, e.g. `TensorStore`).
     """
+    from saediff.dist import process_group, rank_device
+    from saediff.train.ddp import check_supported
+
     threads = torch.get_num_threads()
-    if cfg.architecture == "crosscoder":
-        return [_train_crosscoder(cfg, store)]
-    if cfg.input == "difference" and evals:
-        evals = False  # the evals read raw activations of a source, not differences
-        log.info("input=difference: skipping the per-source evals")
-    try:
-        return _train(cfg, stop_after, evals, store)
-    finally:
-        torch.set_num_threads(threads)
+    # under torchrun: one process group per run, each rank on its own GPU (no-op otherwise)
+    with process_group(cfg.device) as world:
+        check_supported(cfg, world)
+        cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
+        if cfg.architecture == "crosscoder":
+            return [_train_crosscoder(cfg, store)]
+        if cfg.input == "difference" and evals:
+            evals = False  # the evals read raw activations of a source, not differences
+            log.info("input=difference: skipping the per-source evals")
+        try:
+            return _train(cfg, stop_after, evals, store, world)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train_crosscoder(cfg: TrainConfig, store: Any) -> Path:
@@ -314,32 +270,44 @@ def _train_crosscoder(cfg: TrainConfig, store: Any) -> Path:
         store.close()
 
 
-def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) -> list[Path]:
+def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
+           world: Any) -> list[Path]:
+    from saediff.dist import barrier
+    from saediff.train.ddp import DataParallel
+
     runs = expand_sweep(cfg)
+    dp = DataParallel(world, cfg.batch_size, cfg.device)
     if store is None:
         info = check_caches(cfg, cfg.d_in)
-        store = open_store(cfg)
+        # host batches: `dp.local` slices this rank's share before the (pinned) device copy
+        store = open_store(cfg, device="cpu")
     else:
         info = {"d_model": store.d_model, "layer": getattr(store, "layer", -1),
                 "hook_name": getattr(store, "hook_name", ""), "models": {}, "sources": []}
     small = max(c.d_sae for _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
     if cfg.threads or (small and cfg.device == "cpu"):
         torch.set_num_threads(cfg.threads or 1)
-    root = check_writable_dir(cfg.out)
+    # rank 0 owns the run directory (metrics, checkpoints, final SAE, evals); others only read
+    root = check_writable_dir(cfg.out) if world.is_main else Path(cfg.out)
     # YAML sweep values become directory names: none may leave --out
     run_dirs = [safe_child(root, name, "sweep run name") if name else root for name, _ in runs]
     base_model = info["models"].get("base", next(iter(info["models"].values()), {}))
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
             "saediff_input": cfg.input,
-            "saediff_caches": [str(p) for p in cfg.cache], "saediff_roles": cfg.roles}
+            "saediff_caches": [str(p) for p in cfg.cache], "saediff_roles": cfg.roles,
+            "saediff_world_size": world.world_size}
     # Build every SAE before writing anything, so a refused config leaves no half-made run dir.
     trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store)
                 for _, rcfg in runs]
+    for tr in trainers:
+        tr.ddp = dp if world.active else None
     for (name, rcfg), rdir in zip(runs, run_dirs):
-        rdir.mkdir(parents=True, exist_ok=True)
-        write_json(rdir / "train_config.json", config_to_dict(rcfg))
-    state = load_checkpoint(root, trainers, store)
+        if world.is_main:
+            rdir.mkdir(parents=True, exist_ok=True)
+            write_json(rdir / "train_config.json", config_to_dict(rcfg))
+    barrier()
+    state = load_checkpoint(root, trainers, store)  # every rank resumes from the same one
     fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
     check_resume_config(fields, state, root)
     if state:
@@ -350,17 +318,18 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         scale = estimate_scale(cfg, store, info["d_model"])
     for tr in trainers:
         tr.activation_scaler.scaling_factor = scale if cfg.normalize else None
-    for rdir in run_dirs:
+    for rdir in run_dirs if world.is_main else []:
         _truncate_metrics(rdir / "metrics.jsonl", start)
     extra = {"n_saes": len(trainers), "scale": scale, "config": fields}
     last_ck = state and start
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=None)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+               disable=None if world.is_main else True)
     step = start
     try:
         while step < cfg.steps:
             if stop_after is not None and step >= stop_after:
                 return run_dirs
-            batch = next(store)
+            batch = dp.local(next(store))
             outs = []
             for tr, (name, _) in zip(trainers, runs):
                 try:
@@ -375,6 +344,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
             for tr in trainers:
                 tr.n_training_steps = step
                 tr.maybe_reset_sparsity()
+            if not world.is_main:
+                continue
             if step % cfg.log_every == 0 or step == cfg.steps:
                 for tr, out, rdir in zip(trainers, outs, run_dirs):
                     with (rdir / "metrics.jsonl").open("a") as fh:
@@ -389,7 +360,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         bar.close()
         if hasattr(store, "close") and step >= cfg.steps:
             store.close()
-    for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs):
+    for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
         save_final(tr, rdir)
         if evals:
             from saediff.train.evals import write_evals
@@ -398,20 +369,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any) ->
         from saediff.train.plots import write_curves
 
         write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
+    barrier()  # the other ranks return once rank 0 has written the SAE and its evals
     return run_dirs
-
-
-@torch.no_grad()
-def estimate_scale(cfg: TrainConfig, store: Any, d_in: int) -> float:
-    """sqrt(d_in) / mean row norm over `norm_batches` batches (of a separate store)."""
-    if hasattr(store, "peek_batches"):
-        batches = store.peek_batches(cfg.norm_batches)
-    else:
-        probe = open_store(cfg, seed=cfg.seed + 7919)
-        batches = [next(probe) for _ in range(cfg.norm_batches)]
-        probe.close()
-    norms = torch.cat([b.norm(dim=-1) for b in batches])
-    return float(d_in ** 0.5 / norms.mean().item())
 
 
 def save_final(trainer: Any, run_dir: Path) -> None:

@@ -54,6 +54,18 @@ class FastSAETrainer(SAETrainer):
             training_steps=tcfg.total_training_steps, lr_end=tcfg.lr_end,
             num_cycles=tcfg.n_restart_cycles)
         self.fast = SparseTopKStep(sae) if cfg.fast_path and supports_fast_path(sae) else None
+        # set by the loop under torchrun (saediff.train.ddp.DataParallel): batches are this
+        # rank's share, gradients/fire counts are all-reduced before the optimizer step
+        self.ddp: Any = None
+
+    def step(self, batch: torch.Tensor) -> Any:
+        """SAETrainer.step, counting the *global* batch when this rank trains on a share."""
+        batch = batch.to(self.sae.device)
+        self.n_training_samples += batch.shape[0] * self._world()
+        return self._train_step(sae=self.sae, sae_in=self.activation_scaler(batch))
+
+    def _world(self) -> int:
+        return self.ddp.world.world_size if self.ddp is not None else 1
 
     # -- one step -----------------------------------------------------------------------------
     def _train_step(self, sae: Any, sae_in: torch.Tensor) -> dict[str, Any]:  # type: ignore
@@ -79,11 +91,20 @@ class FastSAETrainer(SAETrainer):
                    "aux_loss": sum((v.detach() for k, v in o.losses.items()
                                     if k != "mse_loss"), torch.zeros((), device=sae_in.device)),
                    "l0": active.sum().item() / B, "sae_out": o.sae_out.detach()}
+        if self.fast is None:
+            out["loss"].backward()   # before the check: a NaN step discards its grads anyway
+        if self.ddp is not None:
+            # every rank must see the same loss (so all raise together), counts and grads
+            with torch.no_grad():
+                st = torch.stack([out["loss"].detach(), out["mse_loss"].detach(),
+                                  torch.as_tensor(out["aux_loss"], device=sae_in.device).detach(),
+                                  torch.as_tensor(float(out["l0"]) * B, device=sae_in.device)])
+                counts, st = self.ddp.sync(sae, counts, st)
+            out.update(loss=st[0], mse_loss=st[1], aux_loss=st[2], l0=float(st[3]) / B)
+            B = B * self._world()
         if not math.isfinite(float(out["loss"].detach())):
             sae.zero_grad(set_to_none=True)
             raise FloatingPointError(f"loss = {float(out['loss'].detach())}")
-        if self.fast is None:
-            out["loss"].backward()
         with torch.no_grad():
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[counts > 0] = 0
@@ -92,6 +113,8 @@ class FastSAETrainer(SAETrainer):
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.ddp is not None:
+            self.ddp.sync_buffers(sae)
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()

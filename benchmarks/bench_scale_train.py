@@ -1,0 +1,253 @@
+"""Training at real size (issue 13, part 5): ratios measured side by side in one run.
+
+Activations: the residual stream after block 15 of SmolLM2-135M-Instruct (d_model 576, the
+real model `saediff.organism.real.real_base_path()` imports), captured here on real English
+text (the repo's docs); `--synthetic` uses Gaussian rows scaled to the same mean norm instead.
+
+  1. TopK, k 32, d_sae 16384 and 65536: saediff tok/s / SAELens `SAETrainer` (dense autograd)
+     tok/s on the same batches, and saediff / the encode-only ceiling (encoder matmul + top-k)
+  2. data-parallel: 2-rank / 1-rank training throughput (torchrun, gloo on CPU, nccl on CUDA),
+     same global batch; on CPU the 1-rank run gets all cores as threads
+  3. (CUDA only) pinned / pageable host->GPU batch copy bandwidth
+
+CPU figures use small batches and few steps so the default run stays within a few minutes on
+a 2-core machine; with CUDA present every part also runs on the GPU at batch 4096.
+
+Usage: python benchmarks/bench_scale_train.py [--synthetic] [--steps N] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER, K = 15, 32
+WIDTHS = (16384, 65536)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def capture(n_rows: int, synthetic: bool) -> tuple[torch.Tensor, str]:
+    """[n_rows, 576] float32 activations of SmolLM2-135M-Instruct after block 15."""
+    from saediff.models import load_model, run_to_layer
+    from saediff.organism.real import real_base_path
+
+    if synthetic:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n_rows, 576, generator=g)
+        return x * (REAL_NORM / x.norm(dim=-1).mean()), "gaussian (scaled to the real mean norm)"
+    lm = load_model(real_base_path(), device="cpu")
+    text = " ".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ctx, skip = 128, 4            # drop the first positions: attention-sink norms
+    rows, i = [], 0
+    while sum(len(r) for r in rows) < n_rows and (i + 1) * ctx <= len(ids):
+        chunk = ids[i * ctx: (i + 1) * ctx][None]
+        h = run_to_layer(lm, chunk, torch.ones_like(chunk), LAYER)[0, skip:].float()
+        rows.append(h)
+        i += 1
+    x = torch.cat(rows)
+    if len(x) < n_rows:           # not enough text: repeat (the timing only needs the scale)
+        x = x.repeat(n_rows // len(x) + 1, 1)
+    return x[:n_rows].contiguous(), "SmolLM2-135M-Instruct layer 15 (docs text)"
+
+
+REAL_NORM = 60.0  # overwritten by the measured norm when the real capture runs
+
+
+def batches_of(x: torch.Tensor, B: int, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [x[torch.randint(len(x), (B,), generator=g)] for _ in range(n)]
+
+
+def throughput(width: int, batches: list[torch.Tensor], device: str) -> dict:
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from saediff.train.loop import TrainConfig
+    from saediff.train.sparse import encode_ceiling_step
+    from saediff.train.trainer import FastSAETrainer
+
+    B, d = batches[0].shape
+    dev_batches = [b.to(device) for b in batches]
+
+    def run(trainer) -> float:
+        trainer.step(dev_batches[0])                       # warm-up
+        sync(device)
+        t = time.perf_counter()
+        for b in dev_batches[1:]:
+            trainer.step(b)
+        sync(device)
+        return B * (len(dev_batches) - 1) / (time.perf_counter() - t)
+
+    def sae():
+        torch.manual_seed(0)
+        return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=K, device=device))
+
+    cfg = TrainConfig(d_sae=width, k=K, batch_size=B, total_tokens=B * 1000, lr=2e-4,
+                      device=device)
+    fast = FastSAETrainer(cfg, sae(), iter(dev_batches))
+    t_fast = run(fast)
+    w, b = fast.sae.W_enc.detach(), fast.sae.b_enc.detach()
+    del fast
+    sl = SAETrainer(SAETrainerConfig(total_training_samples=B * 1000, train_batch_size_samples=B,
+                                     lr=2e-4, lr_end=2e-5, device=device), sae(),
+                    iter(dev_batches))
+    t_sl = run(sl)
+    del sl
+    encode_ceiling_step(w, b, dev_batches[0], K)
+    sync(device)
+    t = time.perf_counter()
+    for bb in dev_batches[1:]:
+        encode_ceiling_step(w, b, bb, K)
+    sync(device)
+    t_ceil = B * (len(dev_batches) - 1) / (time.perf_counter() - t)
+    return {"d_sae": width, "batch": B, "saediff_tok_s": t_fast, "saelens_tok_s": t_sl,
+            "ceiling_tok_s": t_ceil, "ratio_vs_saelens": t_fast / t_sl,
+            "ratio_vs_ceiling": t_fast / t_ceil}
+
+
+# --- data-parallel throughput (torchrun workers) ---------------------------------------------
+
+def worker(data: str, width: int, device: str, out: str) -> None:
+    """One torchrun rank: FastSAETrainer steps on its share of each global batch."""
+    from safetensors.torch import load_file
+
+    from saediff.dist import process_group, rank_device
+    from saediff.train.ddp import DataParallel
+    from saediff.train.loop import TrainConfig, build_sae
+    from saediff.train.trainer import FastSAETrainer
+
+    x = load_file(data)["x"]
+    n_batches, B = int(os.environ["BENCH_BATCHES"]), int(os.environ["BENCH_B"])
+    with process_group(device) as world:
+        dev = rank_device(device)
+        cfg = TrainConfig(d_sae=width, k=K, batch_size=B, total_tokens=B * 1000, device=dev)
+        tr = FastSAETrainer(cfg, build_sae(cfg, x.shape[1], {}), None)
+        dp = DataParallel(world, B, dev)
+        tr.ddp = dp if world.active else None
+        batches = batches_of(x, B, n_batches)
+        tr.step(dp.local(batches[0]))
+        sync(dev)
+        t = time.perf_counter()
+        for b in batches[1:]:
+            tr.step(dp.local(b))
+        sync(dev)
+        tps = B * (n_batches - 1) / (time.perf_counter() - t)
+        if world.is_main:
+            Path(out).write_text(json.dumps({"tok_s": tps, "world": world.world_size}))
+
+
+def data_parallel(x: torch.Tensor, width: int, B: int, n_batches: int, device: str,
+                  work: Path) -> dict:
+    from safetensors.torch import save_file
+
+    data = work / "x.safetensors"
+    save_file({"x": x.contiguous()}, data)
+    res = {}
+    cores = os.cpu_count() or 1
+    for n in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = work / f"dp{n}.json"
+        # CPU: 1 rank uses every core as threads; N ranks split them (same hardware for both)
+        threads = max(1, cores // n) if device == "cpu" else 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_BATCHES": str(n_batches),
+               "BENCH_B": str(B), "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, "--worker",
+               str(data), str(width), device, str(out)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stderr[-2000:])
+        res[n] = json.loads(out.read_text())["tok_s"]
+    return {"d_sae": width, "batch": B, "one_rank_tok_s": res[1], "two_rank_tok_s": res[2],
+            "ratio_2_vs_1": res[2] / res[1]}
+
+
+def pinned_ratio(x: torch.Tensor, B: int) -> dict:
+    b = x[:B].contiguous()
+    pb = b.pin_memory()
+    out = {}
+    for name, src, nb in (("pageable", b, False), ("pinned", pb, True)):
+        src.to("cuda", non_blocking=nb)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(50):
+            src.to("cuda", non_blocking=nb)
+        torch.cuda.synchronize()
+        out[name] = 50 * b.numel() * 4 / (time.perf_counter() - t) / 1e9
+    return {"pageable_GB_s": out["pageable"], "pinned_GB_s": out["pinned"],
+            "ratio_pinned_vs_pageable": out["pinned"] / out["pageable"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global REAL_NORM
+    p = argparse.ArgumentParser()
+    p.add_argument("--synthetic", action="store_true", help="Gaussian rows, no model capture")
+    p.add_argument("--steps", type=int, default=3, help="timed CPU steps per trainer")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a.worker[0], int(a.worker[1]), a.worker[2], a.worker[3])
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    x, what = capture(8192 if cuda else 4096, a.synthetic)
+    REAL_NORM = float(x.norm(dim=-1).mean())
+    res: dict = {"activations": what, "rows": len(x), "mean_norm": REAL_NORM,
+                 "capture_s": time.perf_counter() - t0, "cpu_threads": torch.get_num_threads(),
+                 "cpu": {}, "cuda": {}}
+    print(f"activations: {what}, {len(x)} rows x {x.shape[1]}, mean norm {REAL_NORM:.1f} "
+          f"({res['capture_s']:.0f} s)")
+    plan = [("cpu", 1024, a.steps + 1)] + ([("cuda", 4096, 11)] if cuda else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for device, B, n in plan:
+            batches = batches_of(x, B, n)
+            res[device]["topk"] = []
+            for width in WIDTHS:
+                r = throughput(width, batches, device)
+                res[device]["topk"].append(r)
+                print(f"[{device}] TopK d_sae {width} k {K} batch {B}: saediff "
+                      f"{r['saediff_tok_s']:.0f} tok/s / SAELens SAETrainer "
+                      f"{r['saelens_tok_s']:.0f} tok/s = {r['ratio_vs_saelens']:.2f}x; "
+                      f"/ encode-only ceiling {r['ceiling_tok_s']:.0f} tok/s = "
+                      f"{r['ratio_vs_ceiling']:.2f}", flush=True)
+            if device == "cuda" and torch.cuda.device_count() < 2:
+                print("[cuda] 2-rank / 1-rank: skipped (one GPU)")
+            else:
+                r = data_parallel(x, WIDTHS[0], B, n + 1, device, Path(tmp))
+                res[device]["data_parallel"] = r
+                print(f"[{device}] data-parallel d_sae {WIDTHS[0]} global batch {B}: 2 ranks "
+                      f"{r['two_rank_tok_s']:.0f} tok/s / 1 rank {r['one_rank_tok_s']:.0f} "
+                      f"tok/s = {r['ratio_2_vs_1']:.2f}", flush=True)
+            if device == "cuda":
+                r = pinned_ratio(x, B)
+                res[device]["transfer"] = r
+                print(f"[cuda] host->GPU batch copy: pinned {r['pinned_GB_s']:.1f} GB/s / "
+                      f"pageable {r['pageable_GB_s']:.1f} GB/s = "
+                      f"{r['ratio_pinned_vs_pageable']:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
