@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,9 @@ def check_writable_dir(path: str | Path, what: str = "--out") -> Path:
         raise SaediffError(f"{what} {p} exists and is not a directory; pick a directory path")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".saediff-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a unique probe: several ranks may check the same directory at once
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".saediff-write-test-"):
+            pass
     except OSError as exc:
         raise SaediffError(f"{what} {p} is not writable ({exc.strerror or exc}); "
                            "choose a writable directory") from exc

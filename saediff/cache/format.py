@@ -187,6 +187,7 @@ class CacheFile:
                 "complete": self.complete, "d_model": self.d_model, "layer": self.layer,
                 "sources": self.sources,
                 "role_counts": {ROLE_NAMES[i]: int(c) for i, c in enumerate(roles)},
+                "world_size": 1,  # ranks that wrote it (a torchrun cache says more below)
                 **{k: v for k, v in self.attrs.items() if k not in ("sources",)}}
 
     def close(self) -> None:

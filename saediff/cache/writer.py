@@ -153,11 +153,18 @@ def _check_utf8(path: Path) -> None:
                                    "UTF-8") from exc
 
 
-def iter_sequences(cfg: CacheConfig, tok: Any) -> Iterator[tuple[int, list[int], list[int]]]:
-    """(doc_id, token ids, roles) per model input, in a deterministic order."""
+def iter_sequences(cfg: CacheConfig, tok: Any, shard: tuple[int, int] = (0, 1)
+                   ) -> Iterator[tuple[int, list[int], list[int]]]:
+    """(doc_id, token ids, roles) per model input, in a deterministic order.
+
+    `shard=(r, n)` keeps documents with doc_id % n == r (rank r of n under torchrun); doc ids
+    stay global, and a document's sequences never depend on the other documents.
+    """
     n_docs = 0
     for doc_id, ex in enumerate(iter_documents(cfg.dataset, cfg.split)):
         n_docs += 1
+        if doc_id % shard[1] != shard[0]:
+            continue
         if cfg.chat:
             for key in (cfg.prompt_field, cfg.response_field):
                 if key and key not in ex:
@@ -227,7 +234,7 @@ def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, A
 
 
 _COMPARED = ("layer", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint", "sources",
-             "models", "dataset", "d_model")
+             "models", "dataset", "d_model", "shard")
 
 
 def _comparable(prov: dict[str, Any]) -> dict[str, str]:
@@ -274,8 +281,11 @@ def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
     return models
 
 
-def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) -> Path:
-    """Write (or resume, or reuse) the cache described by `cfg`; returns the final path."""
+def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
+                shard: tuple[int, int] = (0, 1)) -> Path:
+    """Write (or resume, or reuse) the cache described by `cfg`; returns the final path.
+
+    `shard=(r, n)`: only documents with doc_id % n == r (one rank's shard, `cache.shards`)."""
     out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
     part = partial_path(out)
     models = models or load_cache_models(cfg)
@@ -283,6 +293,8 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) 
         m.check_layer(cfg.layer)
         m.check_ctx_len(cfg.ctx_len)
     prov = _provenance(cfg, models)
+    if shard[1] > 1:
+        prov["shard"] = f"{shard[0]}/{shard[1]}"
     with _writer_lock(out):
         if out.exists():
             with h5py.File(out, "r") as f:
@@ -314,7 +326,7 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) 
         else:
             check_committed_tail(f, part)
         try:
-            _fill(f, cfg, models)
+            _fill(f, cfg, models, shard)
         except CacheWriteError:
             # The file may hold unflushed debris; closing must not hide the error, and the
             # counter on disk still names only flushed rows, so a rerun resumes correctly.
@@ -341,7 +353,8 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None) 
     return out
 
 
-def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel]) -> None:
+def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
+          shard: tuple[int, int] = (0, 1)) -> None:
     prog = f["progress"]
     rows, seqs = int(prog[P_ROWS]), int(prog[P_SEQS])
     if rows:
@@ -359,7 +372,7 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel]) -> Non
         raise CacheWriteError(f"cannot write {f.filename}: {exc}") from exc
     tok = models["base"].tokenizer
     np_dtype = np.dtype(cfg.dtype)
-    stream = iter_sequences(cfg, tok)
+    stream = iter_sequences(cfg, tok, shard)
     for _ in range(seqs):  # cheap: tokenisation only, no model
         next(stream, None)
     bar = tqdm(total=cfg.max_tokens, initial=rows, unit="tok", unit_scale=True, desc="cache",

@@ -29,11 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saediff.cache.writer import CacheConfig, build_cache
+    from saediff.cache.shards import build_cache_distributed
+    from saediff.cache.writer import CacheConfig
 
     ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "cache_cmd")}
     cfg = build_config(CacheConfig, args.config, ns)
-    out = build_cache(cfg)
+    out = build_cache_distributed(cfg)  # build_cache itself without torchrun
     print(f"cache written: {out}")
     return 0
 
