@@ -6,7 +6,7 @@ The cache stops the forward after block L, so at a middle layer it can beat 1.0;
 last-layer figure is the honest "overhead only" number. Also times transformer-lens's
 TransformerBridge forward on the same model, which is why saediff uses plain HF hooks.
 
-    python benchmarks/bench_cache.py [--layers 24] [--d-model 896] [--tokens 4096]
+    python benchmarks/bench_cache.py [--layers 24] [--d-model 896] [--tokens 4096] [--model smollm2]
 """
 from __future__ import annotations
 
@@ -46,10 +46,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-bridge", action="store_true")
+    ap.add_argument("--model", help="a HF model dir, or 'smollm2' for the real SmolLM2-135M-Instruct "
+                                    "(the [real] extra); default: random Qwen-shaped weights")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp())
-    model_dir = build_qwen_like(tmp / "model", args.d_model, args.layers)
+    if args.model:
+        if args.model == "smollm2":
+            from saediff.organism.real import real_base_path
+
+            model_dir = real_base_path()
+        else:
+            model_dir = Path(args.model)
+        args.layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    else:
+        model_dir = build_qwen_like(tmp / "model", args.d_model, args.layers)
     data = tmp / "docs.txt"
     words = tiny.WORDS
     g = torch.Generator().manual_seed(0)
@@ -112,7 +123,8 @@ def main() -> None:
         if bridge is not None:
             results.setdefault("bridge_forward", []).append(bridged())
     med = {k: statistics.median(v) for k, v in results.items()}
-    report = {"model": f"qwen2-like d_model={args.d_model} layers={args.layers}", "tokens": n,
+    name = str(model_dir) if args.model else f"qwen2-like d_model={args.d_model} layers={args.layers}"
+    report = {"model": name, "tokens": n,
               "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
               f"ratio_cache_layer{mid}_vs_bare": round(med[f"cache_layer{mid}"] / med["bare_forward"], 3),
               f"ratio_cache_layer{last}_vs_bare": round(med[f"cache_layer{last}"] / med["bare_forward"], 3)}
