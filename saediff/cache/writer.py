@@ -27,7 +27,7 @@ from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHE
 from saediff.cache.durable import (CacheWriteError, check_committed_tail, close_quietly,
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
-from saediff.cache.documents import dataset_spec, iter_documents, iter_sequences  # noqa: F401 (re-exported)
+from saediff.cache.documents import dataset_spec, iter_sequences
 from saediff.io import check_writable_file
 from saediff.models import (LoadedModel, check_same_tokenizer,
                             load_model, pad_batch, run_to_layer, tokenizer_fingerprint)

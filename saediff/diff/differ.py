@@ -24,7 +24,7 @@ import torch
 
 import saediff.diff.directions as dirs
 from saediff.diff.stream import LatentStats, rows_per_chunk
-from saediff.diff.data import (DiffConfig, Example, Labeler, ModelContext, Side, build_examples,
+from saediff.diff.data import (DiffConfig, Labeler, ModelContext, Side, build_examples,
                               encode_sides, load_prompts, sample_responses, selected_roles)
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, write_text

@@ -1,7 +1,6 @@
 """Sample answers to held-out questions and judge them per topic."""
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from saediff.organism.grammar import heldout_questions

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Literal
 
-import torch
-
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, write_json, write_jsonl
 from saediff.prompts import generate_answers, load_prompt_items
