@@ -146,31 +146,84 @@ def test_resume_after_sigkill_is_identical(tmp_path, tiny_qwen):
     subprocess.run(_cache_cmd(tiny_qwen, data, ref, max_tokens), check=True, capture_output=True)
     out = tmp_path / "killed.h5"
     killed_at = []
-    for attempt in range(3):  # kill twice at random moments, then let it finish
+    # Kill at random moments (at least twice, until one kill has left a non-empty readable
+    # prefix: a kill that tears the first chunk leaves none), then let it finish.
+    while len(killed_at) < 2 or (not any(killed_at) and len(killed_at) < 5):
         proc = subprocess.Popen(_cache_cmd(tiny_qwen, data, out, max_tokens),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if attempt < 2:
-            deadline = time.time() + 120
-            while _committed(partial_path(out)) < 600 * (attempt + 1) and time.time() < deadline:
-                time.sleep(0.02)
-            time.sleep(random.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert proc.returncode == -signal.SIGKILL
-            assert not out.exists(), "a killed writer must not leave a file under the final name"
-            c = open_cache(out, allow_partial=True)  # the committed prefix of OUT.partial
-            assert not c.complete and c.rows < max_tokens
-            killed_at.append(c.rows)
-            if c.rows:
-                c.activations("base", 0, c.rows)
-            c.close()
-        else:
-            assert proc.wait() == 0
+        deadline = time.time() + 120
+        target = 600 * (len(killed_at) % 2 + 1)
+        while _committed(partial_path(out)) < target and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # it finished before the kill landed: the file must be whole
+            assert not partial_path(out).exists()
+            open_cache(out).close()
+            out.unlink()
+            continue
+        assert proc.returncode == -signal.SIGKILL
+        c = open_cache(out, allow_partial=True)  # the readable prefix of OUT.partial
+        assert not c.complete and c.rows < max_tokens
+        killed_at.append(c.rows)
+        if c.rows:  # every served row reads (checksums pass)
+            c.activations("base", 0, c.rows)
+            assert c.sequence_offsets()[-1] == c.rows
+        c.close()
     assert any(k > 0 for k in killed_at), killed_at
+    subprocess.run(_cache_cmd(tiny_qwen, data, out, max_tokens), check=True, capture_output=True)
     with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
         for name in ["tokens", "seq_ids", "doc_ids", "positions", "roles", "seq_offsets",
                      "acts/base", "progress"]:
             assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_resume_after_torn_chunk_is_identical(tmp_path, tiny_qwen, data, monkeypatch, caplog):
+    """A kill during the in-place rewrite of the commit chunk leaves its checksum wrong: the
+    partial then serves (and resumes from) the sequences before that chunk only."""
+    import saediff.cache.writer as writer
+
+    monkeypatch.setattr(writer, "ACTS_CHUNK_BYTES", 64 * 32 * 2)  # 64-row chunks
+    cfg = dict(base=str(tiny_qwen), layer=1, dataset=str(data), max_tokens=600, ctx_len=16,
+               batch_size=2)
+    ref = build_cache(CacheConfig(out=str(tmp_path / "ref.h5"), **cfg))
+    out = tmp_path / "torn.h5"
+    forward, calls = writer._forward_batch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) > 20:
+            raise KeyboardInterrupt
+        return forward(*a, **k)
+
+    monkeypatch.setattr(writer, "_forward_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(CacheConfig(out=str(out), **cfg))
+    monkeypatch.setattr(writer, "_forward_batch", forward)
+    part = partial_path(out)
+    with h5py.File(part, "r") as f:
+        committed = int(f["progress"][0])
+        d = f["acts/base"]
+        assert d.chunks[0] == 64 and committed > 128
+        tail = (committed - 1) // 64 * 64  # the chunk holding the commit point
+        info = d.id.get_chunk_info_by_coord((tail, 0))
+    # Tear it as a kill would: bytes after the committed rows change, the checksum does not.
+    with open(part, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size - 16)
+        fh.write(b"\x5a" * 12)  # not 0xff: Fletcher-32 (sums mod 65535) misses 0 -> 0xffff
+    with open_cache(out, allow_partial=True) as c:
+        assert 0 < c.rows <= tail and c.rows == c.sequence_offsets()[-1]
+        assert np.array_equal(c.activations("base", 0, c.rows).numpy(),
+                              open_cache(ref).activations("base", 0, c.rows).numpy())
+        served = c.rows
+    with caplog.at_level("WARNING"):
+        build_cache(CacheConfig(out=str(out), **cfg))
+    assert f"resuming after {served} rows instead of {committed}" in caplog.text
+    with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
+        for name in ["tokens", "seq_ids", "positions", "seq_offsets", "acts/base", "progress"]:
+            assert np.array_equal(a[name][:], b[name][:]), name
+    assert verify_cache(out) == []
 
 
 def test_second_writer_refused(tmp_path, tiny_qwen, data):

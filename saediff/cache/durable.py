@@ -4,8 +4,8 @@ HDF5 does not survive a failed write (disk full, file-size limit): it reports th
 or not at all (a dataset handle's chunk cache is flushed on deallocation and its error is
 swallowed), its end-of-file mark runs ahead of the data, and closing the file can crash the
 process. So the writer claims the disk blocks a batch can need before HDF5 writes anything
-(`reserve`), flushes rows before it bumps the committed counter, and checks the committed
-tail of a partial before resuming it.
+(`reserve`), flushes rows before it bumps the committed counter, and rolls a partial back to
+the prefix that reads cleanly before resuming it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from saediff.cache.format import INDEX_FIELDS, P_ROWS, P_SEQS
+from saediff.cache.format import P_ROWS, P_SEQS, readable_prefix
 from saediff.errors import SaediffError
 
 log = logging.getLogger(__name__)
@@ -49,27 +49,19 @@ def close_quietly(f: h5py.File) -> None:
         pass
 
 
-def check_committed_tail(f: h5py.File, part: Path) -> None:
-    """Before resuming: every committed row lies in a stored chunk, and the last chunks read.
+def roll_back_to_readable(f: h5py.File, part: Path) -> int:
+    """Before resuming: move the commit back to the prefix a kill cannot have torn.
 
-    A failed flush can only have touched chunks at or after the last commit, so reading the
-    chunk holding the last committed row of each dataset (checksummed) covers the damage.
-    """
-    rows, seqs = int(f["progress"][P_ROWS]), int(f["progress"][P_SEQS])
-    dsets = [(f[n], rows) for n in INDEX_FIELDS] + [(f["acts"][s], rows) for s in f["acts"]]
-    dsets.append((f["seq_offsets"], seqs + 1))
+    Returns the committed rows to resume after (0: start afresh)."""
     try:
-        for d, n in dsets:
-            if n == 0 or d.chunks is None:
-                continue
-            if d.shape[0] < n:
-                raise OSError(f"{d.name} has {d.shape[0]} rows < committed {n}")
-            step = d.chunks[0]
-            for a in range(0, n, step):
-                info = d.id.get_chunk_info_by_coord((a,) + (0,) * (d.ndim - 1))
-                if info.byte_offset is None:
-                    raise OSError(f"{d.name} rows from {a} were never written")
-            d[(n - 1) // step * step: n]
+        rows, seqs = readable_prefix(f)
+        prog = f["progress"]
+        if (rows, seqs) != (int(prog[P_ROWS]), int(prog[P_SEQS])):
+            log.warning("%s: a chunk after row %d was torn by the interruption; resuming after "
+                        "%d rows instead of %d", part, rows, rows, int(prog[P_ROWS]))
+            prog[P_ROWS], prog[P_SEQS] = rows, seqs
+            f.flush()
+        return rows
     except (OSError, RuntimeError) as exc:
         f.close()
         raise SaediffError(f"{part} (an interrupted cache) is damaged: {exc}; pass --overwrite "

@@ -13,7 +13,8 @@ means the same token for every source, because all sources saw the same token id
     /progress     int64 [4]         committed rows, committed sequences, complete flag, max_tokens
 
 Only `progress` is trusted: a killed writer may leave datasets longer than the committed
-prefix, and those rows are never served. A cache is written as `NAME.h5.partial` and renamed
+prefix, and those rows are never served. Of a partial, only the prefix `readable_prefix` finds
+is served: a kill can tear the chunk the writer was rewriting. A cache is written as `NAME.h5.partial` and renamed
 to `NAME.h5` once complete, so a file under its final name is always whole.
 """
 from __future__ import annotations
@@ -86,6 +87,17 @@ class CacheFile:
         self.rows = int(prog[P_ROWS])
         self.n_sequences = int(prog[P_SEQS])
         self.complete = bool(prog[P_COMPLETE])
+        if not self.complete:
+            try:
+                rows, seqs = readable_prefix(self._f)
+            except OSError as exc:
+                self._f.close()
+                raise SaediffError(f"{path} (an interrupted cache) is damaged: {exc}; rerun "
+                                   "`saediff cache ... --overwrite`") from exc
+            if rows < self.rows:
+                log.warning("%s: serving the first %d of %d committed rows (a chunk after them "
+                            "was torn by the interruption)", path, rows, self.rows)
+            self.rows, self.n_sequences = rows, seqs
         if not allow_partial:
             if not self.complete:
                 self._f.close()
@@ -207,6 +219,55 @@ def open_cache(path: str | Path, allow_partial: bool = False) -> CacheFile:
     and skips the structure check (for `cache info` / `cache verify`).
     """
     return CacheFile(path, allow_partial=allow_partial)
+
+
+def _first_bad_chunk(d: h5py.Dataset, n: int) -> int:
+    """Start of the first chunk of d[:n] that was never written or fails its checksum, else n.
+
+    Only the tail can be torn (full chunks are never rewritten), so the checksums are read
+    backwards from the last chunk until one passes; allocation is checked for all of them.
+    """
+    if n == 0 or d.chunks is None:
+        return n
+    step = d.chunks[0]
+    zeros = (0,) * (d.ndim - 1)
+    limit = n
+    for a in range(0, n, step):  # metadata only: a never-written chunk would read as zeros
+        if d.id.get_chunk_info_by_coord((a,) + zeros).byte_offset is None:
+            limit = a
+            break
+    for a in range((limit - 1) // step * step if limit else -1, -1, -step):
+        try:
+            d[a:min(a + step, limit)]
+            break
+        except OSError:
+            limit = a
+    return limit
+
+
+def readable_prefix(f: h5py.File) -> tuple[int, int]:
+    """(rows, sequences) of an interrupted cache that can be served and resumed from.
+
+    The writer appends rows to the chunk that holds the commit point by rewriting that chunk
+    in place. A SIGKILL in the middle of that write leaves the committed bytes unchanged but the
+    chunk's Fletcher-32 checksum wrong, which cannot be told apart from damage. So the prefix
+    stops before the first torn or unwritten chunk of any dataset, at a sequence boundary;
+    a resume recomputes the rest.
+    """
+    rows, seqs = int(f["progress"][P_ROWS]), int(f["progress"][P_SEQS])
+    names = list(INDEX_FIELDS) + [f"acts/{s}" for s in f["acts"]]
+    limit = min([rows] + [_first_bad_chunk(f[n], min(rows, f[n].shape[0])) for n in names])
+    so = f["seq_offsets"]
+    s = min(seqs, _first_bad_chunk(so, min(seqs + 1, so.shape[0])) - 1)
+    step = so.chunks[0] if so.chunks else max(s + 1, 1)
+    while s > 0:  # the last sequence boundary at or before `limit`
+        lo = s // step * step
+        offs = so[lo:s + 1]
+        i = int(np.searchsorted(offs, limit, side="right")) - 1
+        if i >= 0:
+            return int(offs[i]), lo + i
+        s = lo - 1
+    return 0, 0
 
 
 def structure_problems(c: CacheFile) -> list[str]:

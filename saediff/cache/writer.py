@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import saediff
 from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
                                partial_path, read_attrs)
-from saediff.cache.durable import (CacheWriteError, check_committed_tail, close_quietly,
+from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_readable,
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
 from saediff.cache.documents import dataset_spec, iter_sequences
@@ -152,19 +152,25 @@ def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in _COMPARED if a[k] != b[k]]
 
 
+# Chunk sizes. The chunk holding the commit point is rewritten by every batch, so small chunks
+# keep that rewrite (and what a kill during it can tear, `format.readable_prefix`) cheap.
+INDEX_CHUNK_ROWS = 8192
+ACTS_CHUNK_BYTES = 1 << 18
+
+
 def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
     f = h5py.File(path, "w")
     for k, v in prov.items():
         f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
     # Fletcher-32 on every chunk: a flipped byte on disk is a read error, not silent garbage.
     for name, dt in INDEX_FIELDS.items():
-        f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(65536,), dtype=dt,
+        f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(INDEX_CHUNK_ROWS,), dtype=dt,
                          fletcher32=True)
     f.create_dataset("seq_offsets", data=np.zeros(1, dtype="i8"), maxshape=(None,), chunks=(8192,),
                      fletcher32=True)
     d = prov["d_model"]
     dt = np.dtype(prov["dtype"])
-    rows_chunk = max(64, (1 << 20) // (d * dt.itemsize))  # ~1 MiB chunks
+    rows_chunk = max(64, ACTS_CHUNK_BYTES // (d * dt.itemsize))
     acts = f.create_group("acts")
     for src in prov["sources"]:
         acts.create_dataset(src, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt,
@@ -215,17 +221,15 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
                 raise SaediffError(f"{part} (an interrupted cache) is unreadable: {exc}; "
                                    "pass --overwrite to start again") from exc
             diff = _provenance_diff(read_attrs(f), prov)
-            if int(f["progress"][P_ROWS]) == 0:  # nothing committed: start afresh
-                f.close()
-                f = None
-            elif diff:
+            if diff and int(f["progress"][P_ROWS]):
                 f.close()
                 raise SaediffError(f"{part} is an interrupted cache with different provenance "
                                    f"({', '.join(diff)}); pass --overwrite to start again")
+            if roll_back_to_readable(f, part) == 0:  # nothing (readable) committed: start afresh
+                f.close()
+                f = None
         if f is None:
             f = _create(part, prov)
-        else:
-            check_committed_tail(f, part)
         try:
             _fill(f, cfg, models, shard)
         except CacheWriteError:

@@ -216,7 +216,8 @@ class _PositionTracker:
         if x is None:
             return
         batch, length = int(x.shape[0]), int(x.shape[1])
-        pkv = kwargs.get("past_key_values")
+        # transformers >= 5.24 passes the KV cache as `cache`, earlier versions as `past_key_values`
+        pkv = kwargs.get("past_key_values", kwargs.get("cache"))
         if pkv is None:
             past = 0
         elif hasattr(pkv, "get_seq_length"):
