@@ -77,12 +77,17 @@ class Crosscoder(nn.Module):
             raise SaediffError(f"crosscoder {what}: width {x.shape[-1]}, expected d_in "
                                f"{self.cfg.d_in}")
 
-    def pre_acts(self, x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
-        """ReLU pre-activations [..., d_sae] before the sparsity selection."""
+    def hidden_pre(self, x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [..., d_sae] before the ReLU (the auxiliary loss ranks dead latents
+        by these)."""
         self._check(x_base, "x_base")
         self._check(x_ft, "x_ft")
-        return torch.relu((x_base - self.b_dec[0]) @ self.W_enc[0]
-                          + (x_ft - self.b_dec[1]) @ self.W_enc[1] + self.b_enc)
+        return ((x_base - self.b_dec[0]) @ self.W_enc[0]
+                + (x_ft - self.b_dec[1]) @ self.W_enc[1] + self.b_enc)
+
+    def pre_acts(self, x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-activations [..., d_sae] before the sparsity selection."""
+        return torch.relu(self.hidden_pre(x_base, x_ft))
 
     def decoder_norms(self) -> torch.Tensor:
         """[2, d_sae]: ||d_base,j||, ||d_ft,j||."""
@@ -95,7 +100,10 @@ class Crosscoder(nn.Module):
         `batch_topk` selects the k x rows largest norm-weighted activations of this batch (the
         training rule); otherwise the learned threshold decides per token.
         """
-        f = self.pre_acts(x_base, x_ft)
+        return self.select(self.pre_acts(x_base, x_ft), batch_topk)
+
+    def select(self, f: torch.Tensor, batch_topk: bool = False) -> torch.Tensor:
+        """The sparsity rule of `encode` applied to ReLU pre-activations `f`."""
         score = f * self.decoder_norms().sum(0)
         if batch_topk:
             flat = score.reshape(-1)

@@ -263,3 +263,33 @@ def test_compare_cli_on_the_rank1_organism(tmp_path):
     assert "chart-leaderboard" in (out / "report.html").read_text()
     assert main(["compare", "--base", "x", "--cache", str(cache), "--finetuned", "y",
                  "--methods", "nope", "--out", str(out)]) == 2
+
+
+def test_crosscoder_aux_loss_known_answer():
+    """AuxK: the k_aux = d_in/2 largest pre-ReLU outputs among dead latents reconstruct each
+    model's residual error; only dead latents' decoder rows get a gradient."""
+    from saediff.crosscoder import CrosscoderCfg
+    from saediff.train.crosscoder import aux_loss
+
+    cc = Crosscoder(CrosscoderCfg(d_in=4, d_sae=6, k=1.0), seed=1)
+    h = torch.tensor([[0.5, -1.0, 2.0, 3.0, -0.2, 0.1],
+                      [1.0, 0.3, -2.0, 0.0, 0.7, 4.0]])
+    dead = torch.tensor([False, True, True, False, True, False])  # 3 dead > k_aux = 2
+    e = (torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
+         torch.randn(2, 4, generator=torch.Generator().manual_seed(1)))
+    loss = aux_loss(cc, h, e, dead)
+    # by hand: row 0 keeps dead latents 2 (2.0) and 4 (-0.2); row 1 keeps 4 (0.7) and 1 (0.3)
+    f = torch.zeros(2, 6)
+    f[0, 2], f[0, 4], f[1, 4], f[1, 1] = 2.0, -0.2, 0.7, 0.3
+    want = sum(((f @ cc.W_dec[m] - e[m]) ** 2).sum(-1).mean() for m in range(2))
+    assert torch.allclose(loss, want)
+    loss.backward()
+    live = (~dead).nonzero().flatten()
+    assert cc.W_dec.grad[:, live].abs().max() == 0 and cc.W_dec.grad[:, 2].abs().max() > 0
+    # one dead latent (< k_aux): scaled by 1/2
+    one = torch.tensor([False, False, True, False, False, False])
+    f1 = torch.zeros(2, 6)
+    f1[:, 2] = h[:, 2]
+    want1 = 0.5 * sum(((f1 @ cc.W_dec[m] - e[m]) ** 2).sum(-1).mean() for m in range(2))
+    assert torch.allclose(aux_loss(cc, h, e, one), want1)
+    assert aux_loss(cc, h, e, torch.zeros(6, dtype=torch.bool)) == 0

@@ -3,8 +3,9 @@
 Reads (base, fine-tuned) activations of the same tokens (`PairedStore`), scales both by one
 shared factor to mean norm sqrt(d) (one factor, so relative decoder norms are unchanged when
 it is folded back), and minimises the summed squared error of both reconstructions with
-BatchTopK sparsity. The inference threshold is the running mean of the smallest kept
-norm-weighted activation per batch. Writes the run directory (cfg.json + safetensors,
+BatchTopK sparsity, plus the TopK auxiliary loss on dead latents (as the SAE trainer, `sparse`).
+The inference threshold is the running mean of the smallest kept norm-weighted activation per
+batch. Writes the run directory (cfg.json + safetensors,
 metrics.jsonl, train_config.json, evals.json with FVU and L0 on held-out tokens).
 """
 from __future__ import annotations
@@ -30,6 +31,26 @@ def _split(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise SaediffError(f"crosscoder batches must be [B, 2, d] (base, fine-tuned), got "
                            f"{tuple(batch.shape)}")
     return batch[:, 0], batch[:, 1]
+
+
+def aux_loss(cc: Crosscoder, hidden_pre: torch.Tensor, errors: tuple[torch.Tensor, ...],
+             dead: torch.Tensor, coefficient: float = 1.0) -> torch.Tensor:
+    """TopK auxiliary loss (Gao et al. 2024, as SAELens's TopK SAE) for both decoders.
+
+    The k_aux = d_in/2 largest pre-ReLU outputs among dead latents reconstruct each model's
+    (detached) residual error, so dead latents get a gradient towards what the live ones miss;
+    scaled down while fewer than k_aux latents are dead.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return hidden_pre.new_zeros(())
+    k_aux = cc.cfg.d_in // 2
+    scale = min(n_dead / k_aux, 1.0)
+    top = hidden_pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    f_aux = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
+    loss = sum(((f_aux @ cc.W_dec[m] - e.detach()) ** 2).sum(-1).mean()
+               for m, e in enumerate(errors))
+    return coefficient * scale * loss
 
 
 @torch.no_grad()
@@ -100,10 +121,16 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     thr_sum, thr_n = 0.0, 0
     metrics = []
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=cfg.device)
     for step in tqdm(range(1, cfg.steps + 1), desc="crosscoder", unit="step", disable=None):
         xb, xf = _split(next(store).to(cfg.device) * scale)
-        f, rb, rf = cc(xb, xf, batch_topk=True)
-        loss = ((xb - rb) ** 2).sum(-1).mean() + ((xf - rf) ** 2).sum(-1).mean()
+        h = cc.hidden_pre(xb, xf)
+        f = cc.select(torch.relu(h), batch_topk=True)
+        rb, rf = cc.decode(f, 0), cc.decode(f, 1)
+        mse = ((xb - rb) ** 2).sum(-1).mean() + ((xf - rf) ** 2).sum(-1).mean()
+        dead = since_fired >= cfg.dead_feature_window
+        aux = aux_loss(cc, h, (xb - rb, xf - rf), dead)
+        loss = mse + aux
         if not torch.isfinite(loss):
             raise SaediffError(f"crosscoder: non-finite loss at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -114,9 +141,13 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
             kept = score[score > 0]
             if kept.numel():
                 thr_sum, thr_n = thr_sum + float(kept.min()), thr_n + 1
+            fired = (f > 0).any(0)
+            since_fired += 1
+            since_fired[fired] = 0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.append({"step": step, "loss": loss.item(),
-                            "l0": float((f > 0).sum(-1).float().mean())})
+            metrics.append({"step": step, "loss": loss.item(), "aux_loss": aux.item(),
+                            "l0": float((f > 0).sum(-1).float().mean()),
+                            "dead_frac": float(dead.float().mean())})
     with torch.no_grad():
         cc.threshold.fill_(thr_sum / max(thr_n, 1))
     fold_scale(cc, scale)
