@@ -27,3 +27,18 @@ def test_cache_and_read_then_steer_generation(tmp_path):
     out = run("examples/steer_generation.py", "--sae", str(sae), "--latent", "0", "--n", "2")
     lines = [ln for ln in out.splitlines() if "misaligned" in ln]
     assert len(lines) == 4 and all(re.search(r"misaligned [0-2]/2", ln) for ln in lines), out
+
+
+def test_hard_case_multi_block_steering(tmp_path):
+    import json
+
+    run("examples/hard_case.py", "--out", str(tmp_path), "--tokens", "3000", "--samples", "2",
+        "--coefs", "1")
+    s = json.loads((tmp_path / "hard_case.json").read_text())
+    assert len(s["shift_norms"]) == 3 and all(n > 0 for n in s["shift_norms"])
+    assert [r["directions"] for r in s["results"]] == [0, 1, 1, 1, 3, 3, 0, 3, 3]
+    by = {(r["model"], r["edit"]): r for r in s["results"]}
+    ft, base = by[("fine-tuned", "none")], by[("base", "none")]
+    assert ft["n"] == base["n"] == 70 and ft["em"] > base["em"]  # the fine-tune is misaligned
+    # subtracting the fine-tune's own shift at every block lowers its EM
+    assert by[("fine-tuned", "sub 1·δ0 + sub 1·δ1 + sub 1·δ2")]["em"] < ft["em"]
