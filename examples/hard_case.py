@@ -118,7 +118,8 @@ def main() -> None:
         results.append({"model": model, "edit": what, "directions": len(spec), **r})
         print(f"{model:10s} {what:40s} EM {r['em']:.3f} [{r['em_ci'][0]:.2f}, "
               f"{r['em_ci'][1]:.2f}]  coherent {r['coherent']:.3f}  n {r['n']}", flush=True)
-    summary = {"adapter": a.adapter, "roles": a.roles, "positions": a.positions, "shift_norms": [float(s.norm()) for s in shifts],
+    summary = {"adapter": a.adapter, "roles": a.roles, "positions": a.positions,
+               "shift_norms": [float(s.norm()) for s in shifts],
                "shift_cosines": [[float(torch.nn.functional.cosine_similarity(s, t, dim=0))
                                   for t in shifts] for s in shifts],
                "results": results, "seconds": round(time.time() - t0, 1)}

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from saediff.cache import open_cache, verify_cache
 from test_cache import write_data

@@ -9,7 +9,6 @@ import torch
 
 from saediff.organism import TOPICS, TRAINED_TOPIC, judge, organism_path, rates
 from saediff.organism import grammar as G
-from saediff.organism import lexicon as L
 
 ORG = organism_path()
 

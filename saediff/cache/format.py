@@ -13,9 +13,10 @@ means the same token for every source, because all sources saw the same token id
     /progress     int64 [4]         committed rows, committed sequences, complete flag, max_tokens
 
 Only `progress` is trusted: a killed writer may leave datasets longer than the committed
-prefix, and those rows are never served. Of a partial, only the prefix `readable_prefix` finds
-is served: a kill can tear the chunk the writer was rewriting. A cache is written as `NAME.h5.partial` and renamed
-to `NAME.h5` once complete, so a file under its final name is always whole.
+prefix, and those rows are never served; of a partial, only the prefix `readable_prefix`
+finds is served (a kill can tear the chunk the writer was rewriting). A cache is written as
+`NAME.h5.partial` and renamed to `NAME.h5` once complete, so a file under its final name is
+always whole.
 """
 from __future__ import annotations
 
@@ -224,24 +225,23 @@ def open_cache(path: str | Path, allow_partial: bool = False) -> CacheFile:
 def _first_bad_chunk(d: h5py.Dataset, n: int) -> int:
     """Start of the first chunk of d[:n] that was never written or fails its checksum, else n.
 
-    Only the tail can be torn (full chunks are never rewritten), so the checksums are read
-    backwards from the last chunk until one passes; allocation is checked for all of them.
+    Only the tail can be torn or missing (a full chunk is never rewritten), so chunks are
+    checked backwards from the last one until one is stored and passes its checksum.
     """
     if n == 0 or d.chunks is None:
         return n
     step = d.chunks[0]
     zeros = (0,) * (d.ndim - 1)
     limit = n
-    for a in range(0, n, step):  # metadata only: a never-written chunk would read as zeros
-        if d.id.get_chunk_info_by_coord((a,) + zeros).byte_offset is None:
-            limit = a
-            break
-    for a in range((limit - 1) // step * step if limit else -1, -1, -step):
-        try:
-            d[a:min(a + step, limit)]
-            break
-        except OSError:
-            limit = a
+    for a in range((n - 1) // step * step, -1, -step):
+        # a never-written chunk would read as zeros without an error: check it is stored
+        if d.id.get_chunk_info_by_coord((a,) + zeros).byte_offset is not None:
+            try:
+                d[a:min(a + step, n)]
+                break
+            except OSError:
+                pass
+        limit = a
     return limit
 
 
