@@ -141,6 +141,41 @@ def test_file_size_limit_in_subprocess_one_line_exit2_then_resume(tmp_path, tiny
     assert _same(out, ref) and verify_cache(out) == []
 
 
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def test_real_disk_full_tmpfs_one_line_exit2_then_resume(tmp_path, tiny_qwen, tiny_qwen_ft, data,
+                                                         reference):
+    """The issue's own reproduction: a tiny tmpfs as the output dir (needs root to mount)."""
+    mnt = tmp_path / "tmpfs"
+    if os.geteuid() != 0 or not _mount_tmpfs(mnt, "1200k"):
+        pytest.skip("mounting a tmpfs needs root (and a kernel that allows it)")
+    try:
+        out = mnt / "c.h5"
+        args = [sys.executable, "-m", "saediff", "cache", "--base", str(tiny_qwen), "--finetuned",
+                str(tiny_qwen_ft), "--layer", "1", "--dataset", str(data), "--out", str(out),
+                "--max-tokens", "1200", "--ctx-len", "32", "--batch-size", "4",
+                "--dtype", "float32"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        err = [ln for ln in r.stderr.splitlines() if ln.startswith("saediff")]
+        assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in r.stderr
+        assert not out.exists()
+        with h5py.File(partial_path(out), "r") as f:
+            assert int(f["progress"][0]) > 0  # it failed after at least one commit
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)  # free space
+        r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert _same(out, reference) and verify_cache(out) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 # --- 2. --overwrite keeps the old cache until the new one is complete --------------------------
 
 def test_overwrite_keeps_old_cache_when_new_run_fails(tmp_path, tiny_qwen, data):
