@@ -123,3 +123,30 @@ def test_cuda_training_matches_cpu(setup):
     wa, wb = _weights(one), _weights(gpu)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-3, rtol=1e-3), k
+
+
+def test_crosscoder_two_ranks_equal_one_rank(setup):
+    """A crosscoder under torchrun: the same weights, threshold and curve as 1 rank when the
+    BatchTopK selection is the same (k = d_sae keeps every positive activation; no latent dies
+    then, so the auxiliary loss is checked by test_methods' known answer, not here)."""
+    tmp, cfg, _, _ = setup
+    cc = {**cfg, "architecture": "crosscoder", "d_sae": 32, "k": 32, "checkpoint_every": 0}
+    yml = tmp / "cc.yaml"
+    yml.write_text(yaml.safe_dump(cc))
+    (one,) = train(TrainConfig(**cc, out=str(tmp / "cc_one")))
+    two = tmp / "cc_two"
+    _torchrun(["-m", "saediff", "train", "--config", str(yml), "--out", str(two)], tmp)
+    wa = load_file(one / "crosscoder.safetensors")
+    wb = load_file(two / "crosscoder.safetensors")
+    assert set(wa) == set(wb) and "threshold" in wa
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), \
+            (k, (wa[k] - wb[k]).abs().max().item())
+    la = [json.loads(ln) for ln in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(ln) for ln in (two / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(la, lb, strict=True):
+        for key in ("loss", "aux_loss", "l0", "dead_frac"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (key, ra, rb)
+    assert la[-1]["loss"] < la[0]["loss"]  # it trained
+    ea, eb = (json.loads((r / "evals.json").read_text()) for r in (one, two))
+    assert ea["base"]["fvu"] == pytest.approx(eb["base"]["fvu"], rel=1e-4)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from saediff.config import config_to_dict
 from saediff.crosscoder import Crosscoder, CrosscoderCfg
+from saediff.dist import Dist
 from saediff.errors import SaediffError
 from saediff.io import write_json, write_text
 
@@ -88,27 +89,35 @@ def crosscoder_evals(cc: Crosscoder, batches: list[torch.Tensor]) -> dict[str, A
 
 
 def train_crosscoder(cfg: Any, store: Any, info: dict[str, Any] | None = None,
-                     eval_batches: list[torch.Tensor] | None = None) -> Path:
+                     eval_batches: list[torch.Tensor] | None = None, dp: Any = None) -> Path:
     """Train per `cfg` (a TrainConfig with architecture crosscoder); returns the run dir.
 
     `store` yields [B, 2, d] paired batches (`PairedStore`, or a `TensorStore` in tests);
     `info` is the cache description from `check_caches` (hook name, layer, models).
+    `dp` (`train.ddp.DataParallel`, under torchrun): every rank draws the same global batch,
+    trains on its share and all-reduces gradients and fire counts; rank 0 writes the run.
+    BatchTopK then selects over each rank's share (a 1-rank run selects over the batch).
     """
     info = info or {"layer": getattr(store, "layer", -1),
                     "hook_name": getattr(store, "hook_name", ""), "models": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or 1 if cfg.device == "cpu" else threads)
     try:
-        return _train(cfg, store, info, eval_batches)
+        return _train(cfg, store, info, eval_batches, dp)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(cfg: Any, store: Any, info: dict[str, Any],
-           eval_batches: list[torch.Tensor] | None) -> Path:
+           eval_batches: list[torch.Tensor] | None, dp: Any) -> Path:
+    from saediff.train.ddp import DataParallel
+
+    dp = dp or DataParallel(Dist(), cfg.batch_size, cfg.device)
+    main = dp.world.is_main
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_config.json", config_to_dict(cfg))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", config_to_dict(cfg))
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "models": info.get("models", {}), "saediff_caches": [str(p) for p in cfg.cache]}
     first = next(store)
@@ -122,8 +131,9 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
     thr_sum, thr_n = 0.0, 0
     metrics = []
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=cfg.device)
-    for step in tqdm(range(1, cfg.steps + 1), desc="crosscoder", unit="step", disable=None):
-        xb, xf = _split(next(store).to(cfg.device) * scale)
+    for step in tqdm(range(1, cfg.steps + 1), desc="crosscoder", unit="step",
+                     disable=None if main else True):
+        xb, xf = _split(dp.local(next(store)) * scale)
         h = cc.hidden_pre(xb, xf)
         f = cc.select(torch.relu(h), batch_topk=True)
         rb, rf = cc.decode(f, 0), cc.decode(f, 1)
@@ -135,27 +145,33 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
             raise SaediffError(f"crosscoder: non-finite loss at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            stats = torch.stack([loss.detach(), aux.detach(), (f > 0).sum(-1).float().mean()])
+            # one all-reduce: gradients and stats averaged, fire counts summed (no-op in 1 rank)
+            counts, stats = dp.sync(cc, (f > 0).sum(0), stats)
         opt.step()
         with torch.no_grad():
             score = f * cc.decoder_norms().sum(0)
             kept = score[score > 0]
-            if kept.numel():
-                thr_sum, thr_n = thr_sum + float(kept.min()), thr_n + 1
-            fired = (f > 0).any(0)
+            low = kept.min() if kept.numel() else score.new_tensor(float("inf"))
+            low = dp.min(low)  # the smallest kept score of the global batch
+            if torch.isfinite(low):
+                thr_sum, thr_n = thr_sum + float(low), thr_n + 1
             since_fired += 1
-            since_fired[fired] = 0
+            since_fired[counts > 0] = 0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.append({"step": step, "loss": loss.item(), "aux_loss": aux.item(),
-                            "l0": float((f > 0).sum(-1).float().mean()),
-                            "dead_frac": float(dead.float().mean())})
+            metrics.append({"step": step, "loss": float(stats[0]), "aux_loss": float(stats[1]),
+                            "l0": float(stats[2]), "dead_frac": float(dead.float().mean())})
     with torch.no_grad():
         cc.threshold.fill_(thr_sum / max(thr_n, 1))
     fold_scale(cc, scale)
     cc.cfg.metadata.update({"saediff_input_scale": scale, "saediff_steps": cfg.steps,
                             "saediff_tokens": cfg.steps * cfg.batch_size})
     cc = cc.cpu().eval()
-    cc.save(out)
-    write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    if eval_batches:
-        write_json(out / "evals.json", crosscoder_evals(cc, [b.cpu() for b in eval_batches]))
+    if main:
+        cc.save(out)
+        write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        if eval_batches:
+            write_json(out / "evals.json",
+                       crosscoder_evals(cc, [b.cpu() for b in eval_batches]))
     return out

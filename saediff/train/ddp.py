@@ -74,6 +74,13 @@ class DataParallel:
         counts = flat[i: i + counts.numel()].view_as(counts)
         return counts, flat[i + counts.numel():]
 
+    def min(self, x: torch.Tensor) -> torch.Tensor:
+        """Minimum of `x` over ranks (itself outside torchrun)."""
+        if self.active:
+            x = x.clone()
+            tdist.all_reduce(x, op=tdist.ReduceOp.MIN)
+        return x
+
     def sync_buffers(self, sae: torch.nn.Module) -> None:
         """Average running buffers the step updates from local data (BatchTopK threshold)."""
         if not self.active:
@@ -86,10 +93,7 @@ class DataParallel:
 
 def check_supported(cfg: Any, world: Dist) -> None:
     """Refuse what data-parallel training does not cover (with one line saying what to do)."""
-    if world.active and cfg.architecture == "crosscoder":
-        raise SaediffError("architecture crosscoder trains in one process only; run "
-                           "`saediff train` without torchrun")
-    if world.active and cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
+    if world.active and cfg.architecture in ("batchtopk", "matryoshka_batchtopk", "crosscoder"):
         log.warning("%s under %d ranks selects the top k*B/N activations of each rank's share, "
                     "not of the whole batch: close to, but not the same as, a 1-rank run",
                     cfg.architecture, world.world_size)

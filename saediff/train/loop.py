@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
         check_supported(cfg, world)
         cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
         if cfg.architecture == "crosscoder":
-            return [_train_crosscoder(cfg, store)]
+            return [_train_crosscoder(cfg, store, world)]
         if cfg.input == "difference" and evals:
             evals = False  # the evals read raw activations of a source, not differences
             log.info("input=difference: skipping the per-source evals")
@@ -249,23 +249,26 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
             torch.set_num_threads(threads)
 
 
-def _train_crosscoder(cfg: TrainConfig, store: Any) -> Path:
+def _train_crosscoder(cfg: TrainConfig, store: Any, world: Any) -> Path:
     from saediff.train.crosscoder import train_crosscoder
+    from saediff.train.ddp import DataParallel
 
+    dp = DataParallel(world, cfg.batch_size, cfg.device)
     if store is not None:
-        return train_crosscoder(cfg, store)
+        return train_crosscoder(cfg, store, dp=dp)
     info = check_caches(cfg, cfg.d_in)
     if not {"base", "finetuned"} <= set(info["sources"]):
         raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
                            f"finetuned; {cfg.cache} has {info['sources']}")
-    store = open_store(cfg)
-    ev = open_store(cfg, split="eval", seed=cfg.seed + 1)
+    # host batches, the same global batch on every rank: `dp.local` slices this rank's share
+    store = open_store(cfg, device="cpu")
+    ev = open_store(cfg, split="eval", seed=cfg.seed + 1, device="cpu")
     try:
         evals = [next(ev) for _ in range(max(1, min(8, cfg.eval_rows // cfg.batch_size)))]
     finally:
         ev.close()
     try:
-        return train_crosscoder(cfg, store, info, evals)
+        return train_crosscoder(cfg, store, info, evals, dp)
     finally:
         store.close()
 
