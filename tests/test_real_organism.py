@@ -102,6 +102,13 @@ def test_shipped_metadata():
         cfg = json.loads((real_organism_path() / f"adapter_{name}" / "adapter_config.json").read_text())
         assert cfg["r"] == (1 if name != "all" else 8)
         assert name in meta["measured"] and "ci" in meta["measured"][name]["probe"]
+    # the shipped adapters were trained with the recipes the code builds (no drift)
+    from dataclasses import asdict
+
+    from saediff.organism.real.train import default_recipes
+
+    for name, r in default_recipes().items():
+        assert meta["adapters"][name]["recipe"] == json.loads(json.dumps(asdict(r))), name
 
 
 @pytest.mark.slow
