@@ -122,20 +122,31 @@ def _limited(limit: int):
     return pre
 
 
-def test_file_size_limit_in_subprocess_one_line_exit2_then_resume(tmp_path, tiny_qwen, data):
-    out = tmp_path / "c.h5"
-    args = [sys.executable, "-m", "saediff", "cache", "--base", str(tiny_qwen), "--layer", "1",
-            "--dataset", str(data), "--out", str(out), "--max-tokens", "2400", "--ctx-len", "32",
-            "--batch-size", "16", "--dtype", "float32"]
+def _cache_cli(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "saediff", "cache", "--base", str(model), "--layer", "1",
+            "--dataset", str(data), "--out", str(out), "--ctx-len", "32", "--dtype", "float32",
+            *extra]
+
+
+def _fails_once_after_a_commit(args: list[str], cause: str, **kw) -> None:
+    """Run the CLI: one line naming `cause`, exit 2, nothing under the final name, and the
+    partial holds at least one commit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120,
-                       preexec_fn=_limited(1_000_000))  # room for one batch, not two
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, **kw)
     assert r.returncode == 2, r.stderr[-2000:]
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("saediff")]
-    assert len(err) == 1 and "File too large" in err[0] and "Traceback" not in r.stderr
+    assert len(err) == 1 and cause in err[0] and "Traceback" not in r.stderr
+    out = Path(args[args.index("--out") + 1])
     assert not out.exists()
     with h5py.File(partial_path(out), "r") as f:
         assert int(f["progress"][0]) > 0  # it failed after at least one commit
+
+
+def test_file_size_limit_in_subprocess_one_line_exit2_then_resume(tmp_path, tiny_qwen, data):
+    out = tmp_path / "c.h5"
+    args = _cache_cli(out, tiny_qwen, data, "--max-tokens", "2400", "--batch-size", "16")
+    _fails_once_after_a_commit(args, "File too large",
+                               preexec_fn=_limited(1_000_000))  # room for one batch, not two
     build_cache(_cfg(tiny_qwen, data, out, max_tokens=2400, batch_size=16))
     ref = build_cache(_cfg(tiny_qwen, data, tmp_path / "ref.h5", max_tokens=2400, batch_size=16))
     assert _same(out, ref) and verify_cache(out) == []
@@ -156,19 +167,11 @@ def test_real_disk_full_tmpfs_one_line_exit2_then_resume(tmp_path, tiny_qwen, ti
         pytest.skip("mounting a tmpfs needs root (and a kernel that allows it)")
     try:
         out = mnt / "c.h5"
-        args = [sys.executable, "-m", "saediff", "cache", "--base", str(tiny_qwen), "--finetuned",
-                str(tiny_qwen_ft), "--layer", "1", "--dataset", str(data), "--out", str(out),
-                "--max-tokens", "1200", "--ctx-len", "32", "--batch-size", "4",
-                "--dtype", "float32"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
-        assert r.returncode == 2, r.stderr[-2000:]
-        err = [ln for ln in r.stderr.splitlines() if ln.startswith("saediff")]
-        assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in r.stderr
-        assert not out.exists()
-        with h5py.File(partial_path(out), "r") as f:
-            assert int(f["progress"][0]) > 0  # it failed after at least one commit
+        args = _cache_cli(out, tiny_qwen, data, "--finetuned", str(tiny_qwen_ft),
+                          "--max-tokens", "1200", "--batch-size", "4")
+        _fails_once_after_a_commit(args, "No space left on device")
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)  # free space
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert _same(out, reference) and verify_cache(out) == []
