@@ -102,9 +102,19 @@ class Crosscoder(nn.Module):
         """
         return self.select(self.pre_acts(x_base, x_ft), batch_topk)
 
-    def select(self, f: torch.Tensor, batch_topk: bool = False) -> torch.Tensor:
-        """The sparsity rule of `encode` applied to ReLU pre-activations `f`."""
+    def select(self, f: torch.Tensor, batch_topk: bool = False, dp: Any = None) -> torch.Tensor:
+        """The sparsity rule of `encode` applied to ReLU pre-activations `f`.
+
+        `dp` (training under torchrun, f = this rank's share of the batch): BatchTopK keeps
+        the k x rows largest scores of the *global* batch (`train.ddp.DataParallel`).
+        """
         score = f * self.decoder_norms().sum(0)
+        if batch_topk and dp is not None and dp.active:
+            flat = score.reshape(-1)
+            n_keep = max(1, int(self.cfg.k * score[..., 0].numel() * dp.world.world_size))
+            cut = dp.kth_largest(flat.topk(min(n_keep, flat.numel()), sorted=False).values,
+                                 n_keep)
+            return f * (score >= cut)
         if batch_topk:
             flat = score.reshape(-1)
             n_keep = min(flat.numel(), max(1, int(self.cfg.k * score[..., 0].numel())))

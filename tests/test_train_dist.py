@@ -126,11 +126,10 @@ def test_cuda_training_matches_cpu(setup):
 
 
 def test_crosscoder_two_ranks_equal_one_rank(setup):
-    """A crosscoder under torchrun: the same weights, threshold and curve as 1 rank when the
-    BatchTopK selection is the same (k = d_sae keeps every positive activation; no latent dies
-    then, so the auxiliary loss is checked by test_methods' known answer, not here)."""
+    """A crosscoder under torchrun: BatchTopK over the global batch, so 2 ranks give the 1-rank
+    weights, threshold, curve (dead latents and the auxiliary loss included) and evals."""
     tmp, cfg, _, _ = setup
-    cc = {**cfg, "architecture": "crosscoder", "d_sae": 32, "k": 32, "checkpoint_every": 0}
+    cc = {**cfg, "architecture": "crosscoder", "d_sae": 64, "k": 2, "checkpoint_every": 0}
     yml = tmp / "cc.yaml"
     yml.write_text(yaml.safe_dump(cc))
     (one,) = train(TrainConfig(**cc, out=str(tmp / "cc_one")))
@@ -147,6 +146,21 @@ def test_crosscoder_two_ranks_equal_one_rank(setup):
     for ra, rb in zip(la, lb, strict=True):
         for key in ("loss", "aux_loss", "l0", "dead_frac"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (key, ra, rb)
-    assert la[-1]["loss"] < la[0]["loss"]  # it trained
+    mse = [r["loss"] - r["aux_loss"] for r in la]
+    assert mse[-1] < mse[0]  # it trained
+    assert any(r["aux_loss"] > 0 for r in la), "no dead latents: aux loss not exercised"
     ea, eb = (json.loads((r / "evals.json").read_text()) for r in (one, two))
     assert ea["base"]["fvu"] == pytest.approx(eb["base"]["fvu"], rel=1e-4)
+
+
+def test_batchtopk_two_ranks_equal_one_rank(setup):
+    """BatchTopK SAE (sparse step): the global batch's top k*B, so 2 ranks == 1 rank."""
+    tmp, cfg, _, _ = setup
+    bt = {**cfg, "architecture": "batchtopk", "checkpoint_every": 0}
+    yml = tmp / "bt.yaml"
+    yml.write_text(yaml.safe_dump(bt))
+    (one,) = train(TrainConfig(**bt, out=str(tmp / "bt_one")), evals=False)
+    two = tmp / "bt_two"
+    _torchrun(["-m", "saediff", "train", "--config", str(yml), "--out", str(two), "--no-evals"],
+              tmp)
+    _assert_same(one, two)

@@ -95,8 +95,8 @@ def train_crosscoder(cfg: Any, store: Any, info: dict[str, Any] | None = None,
     `store` yields [B, 2, d] paired batches (`PairedStore`, or a `TensorStore` in tests);
     `info` is the cache description from `check_caches` (hook name, layer, models).
     `dp` (`train.ddp.DataParallel`, under torchrun): every rank draws the same global batch,
-    trains on its share and all-reduces gradients and fire counts; rank 0 writes the run.
-    BatchTopK then selects over each rank's share (a 1-rank run selects over the batch).
+    trains on its share and all-reduces gradients and fire counts; BatchTopK keeps the largest
+    scores of the global batch (as one rank would); rank 0 writes the run.
     """
     info = info or {"layer": getattr(store, "layer", -1),
                     "hook_name": getattr(store, "hook_name", ""), "models": {}}
@@ -135,7 +135,7 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
                      disable=None if main else True):
         xb, xf = _split(dp.local(next(store)) * scale)
         h = cc.hidden_pre(xb, xf)
-        f = cc.select(torch.relu(h), batch_topk=True)
+        f = cc.select(torch.relu(h), batch_topk=True, dp=dp)
         rb, rf = cc.decode(f, 0), cc.decode(f, 1)
         mse = ((xb - rb) ** 2).sum(-1).mean() + ((xf - rf) ** 2).sum(-1).mean()
         dead = since_fired >= cfg.dead_feature_window

@@ -9,7 +9,8 @@ itself so DDP's autograd hooks would miss it) one flat `all_reduce` averages the
 sums the per-latent fire counts, so clipping, Adam and dead-latent tracking see the same
 numbers on every rank. Averaging per-rank *mean* losses equals the global mean only for equal
 shares, hence B % N == 0. Row-separable losses (TopK, standard L1, JumpReLU, gated) give the
-1-rank weights; BatchTopK selects over each rank's B/N rows (its threshold is averaged).
+1-rank weights. BatchTopK (the sparse step and the crosscoder) keeps the k*B largest activations
+of the *global* batch: each rank all-gathers its own top k*B values to find the global cut.
 """
 from __future__ import annotations
 
@@ -81,6 +82,15 @@ class DataParallel:
             tdist.all_reduce(x, op=tdist.ReduceOp.MIN)
         return x
 
+    def kth_largest(self, local_top: torch.Tensor, n: int) -> torch.Tensor:
+        """The n-th largest value over all ranks, given each rank's top values (equally many
+        on every rank: equal shares). BatchTopK keeps what reaches it, as one rank would."""
+        if self.active:
+            parts = [torch.empty_like(local_top) for _ in range(self.world.world_size)]
+            tdist.all_gather(parts, local_top.contiguous())
+            local_top = torch.cat(parts)
+        return local_top.topk(min(n, local_top.numel()), sorted=False).values.min()
+
     def sync_buffers(self, sae: torch.nn.Module) -> None:
         """Average running buffers the step updates from local data (BatchTopK threshold)."""
         if not self.active:
@@ -93,7 +103,10 @@ class DataParallel:
 
 def check_supported(cfg: Any, world: Dist) -> None:
     """Refuse what data-parallel training does not cover (with one line saying what to do)."""
-    if world.active and cfg.architecture in ("batchtopk", "matryoshka_batchtopk", "crosscoder"):
+    approximate = cfg.architecture == "matryoshka_batchtopk" or (
+        cfg.architecture == "batchtopk" and not cfg.fast_path)
+    if world.active and approximate:
         log.warning("%s under %d ranks selects the top k*B/N activations of each rank's share, "
-                    "not of the whole batch: close to, but not the same as, a 1-rank run",
+                    "not of the whole batch: close to, but not the same as, a 1-rank run "
+                    "(plain batchtopk with --fast-path selects over the whole batch)",
                     cfg.architecture, world.world_size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
@@ -69,8 +70,13 @@ def _decode(acts: SparseActs, w_dec: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select(sae: TopKTrainingSAE, x: torch.Tensor) -> tuple[SparseActs, torch.Tensor, torch.Tensor]:
-    """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n)."""
+def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None
+           ) -> tuple[SparseActs, torch.Tensor, torch.Tensor]:
+    """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n).
+
+    `dp` (`train.ddp.DataParallel` under torchrun, x = this rank's share): BatchTopK keeps the
+    k * (global batch) largest activations of the global batch, as a single process would.
+    """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
     if sae.cfg.rescale_acts_by_decoder_norm:
@@ -80,7 +86,15 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor) -> tuple[SparseActs, torch.Ten
         n = None
         pre_s = torch.addmm(b_enc, sae_in, w_enc)
     B, m = pre_s.shape
-    if isinstance(sae, BatchTopKTrainingSAE):
+    if isinstance(sae, BatchTopKTrainingSAE) and dp is not None and dp.active:
+        scores = pre_s.relu().flatten()
+        n_keep = int(sae.cfg.k * B * dp.world.world_size)
+        local = torch.topk(scores, min(n_keep, scores.numel()), sorted=False).values
+        cut = dp.kth_largest(local, n_keep)
+        # zeros a single process would also "keep" carry no value and no gradient: dropped
+        flat = torch.nonzero((scores >= cut) & (scores > 0)).flatten()
+        rows, cols, vals = flat // m, flat % m, scores[flat]
+    elif isinstance(sae, BatchTopKTrainingSAE):
         top = torch.topk(pre_s.relu().flatten(), int(sae.cfg.k * B), sorted=False)
         flat, order = torch.sort(top.indices)
         rows, cols, vals = flat // m, flat % m, top.values[order]
@@ -123,7 +137,7 @@ class SparseTopKStep:
         return order, crow
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> dict:
+    def __call__(self, x: torch.Tensor, dead_mask: torch.Tensor | None, dp: Any = None) -> dict:
         """Loss on batch `x`; sets `.grad` of every parameter of the SAE.
 
         Returns mse_loss, auxiliary_reconstruction_loss, loss, sae_out and `acts` (the active
@@ -132,11 +146,14 @@ class SparseTopKStep:
         sae = self.sae
         w_enc, w_dec = sae.W_enc, sae.W_dec
         B = x.shape[0]
-        acts_s, pre_s, n = select(sae, x)
+        acts_s, pre_s, n = select(sae, x, dp)
         if isinstance(sae, BatchTopKTrainingSAE):
             pos = acts_s.vals > 0
-            if pos.any():
-                sae.update_topk_threshold(acts_s.vals[pos])
+            low = acts_s.vals[pos].min() if pos.any() else x.new_tensor(float("inf"))
+            if dp is not None:
+                low = dp.min(low)  # the global batch's smallest kept activation
+            if torch.isfinite(low):
+                sae.update_topk_threshold(low.reshape(1))
         a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
         x_hat = torch.addmm(sae.b_dec, acts.csr(), w_dec) if a.numel() else \

@@ -72,7 +72,7 @@ class FastSAETrainer(SAETrainer):
         sae.train()
         B = sae_in.shape[0]
         if self.fast is not None:
-            r = self.fast(sae_in, self.dead_neurons)
+            r = self.fast(sae_in, self.dead_neurons, self.ddp)
             fired = r["acts"].cols[r["acts"].vals > 0]
             counts = torch.bincount(fired, minlength=sae.cfg.d_sae).float()
             out = {"loss": r["loss"], "mse_loss": r["mse_loss"],
