@@ -102,7 +102,7 @@ class DataParallel:
 
 
 def check_supported(cfg: Any, world: Dist) -> None:
-    """Refuse what data-parallel training does not cover (with one line saying what to do)."""
+    """Warn where data-parallel training only approximates a 1-rank run."""
     approximate = cfg.architecture == "matryoshka_batchtopk" or (
         cfg.architecture == "batchtopk" and not cfg.fast_path)
     if world.active and approximate:
