@@ -88,7 +88,7 @@ class CacheFile:
         self.rows = int(prog[P_ROWS])
         self.n_sequences = int(prog[P_SEQS])
         self.complete = bool(prog[P_COMPLETE])
-        if not self.complete:
+        if not self.complete and allow_partial:  # (without allow_partial it is refused below)
             try:
                 rows, seqs = readable_prefix(self._f)
             except OSError as exc:
