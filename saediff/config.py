@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -132,6 +133,7 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
         raise SaediffError(f"missing required {cls.__name__} field(s): "
                          f"{', '.join('--' + m.replace('_', '-') for m in missing)} "
                          "(give them as flags or in the YAML config)")
+    values = check_field_values(cls, values, yaml_path)
     try:
         return cls(**values)
     except ValueError as exc:  # __post_init__ validation: the user's input, not a bug
@@ -144,9 +146,12 @@ def load_yaml(path: str | Path) -> Any:
     """`yaml.safe_load` of a file; syntax errors and refused tags name the file and line."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as exc:
         raise SaediffError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except _DuplicateKey as exc:
+        raise SaediffError(f"{path}:{exc.line + 1}: key {exc.key!r} is given twice (first on line "
+                           f"{exc.first + 1}); keep one of them") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -158,3 +163,93 @@ def load_yaml(path: str | Path) -> Any:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """JSON/YAML-safe dict of a config dataclass."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# --- value checks (YAML gives strings, nulls and duplicate keys where numbers were meant) ------
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (no tags beyond plain YAML), refusing a key given twice (plain
+    YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line, seen[key])
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0] if typing.get_args(tp) else str)}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or raise TypeError/ValueError. Numeric strings become numbers:
+    PyYAML reads `lr: 3e-4` (no dot) as the string "3e-4"."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(value)
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return [_coerce(v, inner) for v in value] if inner in (int, float, bool) else value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(value)
+        num = float(value) if isinstance(value, str) else value
+        if tp is int:
+            if isinstance(num, float) and not (num.is_integer() and math.isfinite(num)):
+                raise ValueError(value)
+            return int(num)
+        return float(num)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def check_field_values(cls: type, values: dict[str, Any], source: Any = None) -> dict[str, Any]:
+    """Each value fits its field's type (nulls only where the field is optional), before the
+    dataclass sees it: one clear line instead of a TypeError deep in a stage."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{source}: " if source is not None else ""
+    out = dict(values)
+    for name, value in values.items():
+        if name not in fields:
+            continue
+        tp, optional = _unwrap(hints[name])
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        hint = f" or remove it to use the default ({default!r})" if default is not None else ""
+        if value is None:
+            if not optional:
+                raise SaediffError(f"{where}{name} is empty (null); give {_type_name(tp)}{hint}")
+            continue
+        try:
+            out[name] = _coerce(value, tp)
+        except (TypeError, ValueError):
+            raise SaediffError(f"{where}{name} must be {_type_name(tp)}, got {value!r}{hint}") \
+                from None
+    return out

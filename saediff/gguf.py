@@ -56,6 +56,24 @@ def check_gguf_file(gguf_file: str | Path) -> Path:
     return p
 
 
+def check_gguf_structure(p: Path) -> None:
+    """The header parses and every tensor's data lies inside the file: a truncated copy or a
+    header that lies about its counts is named as such (not a struct.error, nor blamed on
+    the architecture)."""
+    gguf = require_gguf()
+    size = p.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(p), "r")
+    except Exception as exc:  # noqa: BLE001 - any parse failure of this file is bad input
+        raise SaediffError(f"{p}: truncated or corrupt GGUF ({size} bytes; the header or tensor "
+                           f"table does not parse: {type(exc).__name__}: {str(exc)[:120]}); "
+                           "download or copy the file again") from exc
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise SaediffError(f"{p}: truncated GGUF: its tensors need {end} bytes but the file has "
+                           f"{size}; download or copy the file again")
+
+
 def _file_digest(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as fh:
@@ -85,7 +103,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     and `saediff_import.json` (source file, its sha256 prefix).
     """
     p = check_gguf_file(gguf_file)
-    require_gguf()
+    check_gguf_structure(p)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

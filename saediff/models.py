@@ -228,13 +228,10 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
         raise FileNotFoundError(f"cannot load model {name!r}: {exc}") from exc
     adapter_s = None
     if adapter is not None:
-        from peft import PeftModel
+        from saediff.adapters import load_adapter
 
         adapter_s = str(adapter)
-        _check_local(adapter_s, "adapter")
-        if not (Path(adapter_s) / "adapter_config.json").is_file() and _local_only(adapter_s):
-            raise FileNotFoundError(f"{adapter_s} is not a PEFT adapter dir (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter_s, is_trainable=False)
+        model = load_adapter(model, adapter_s, name)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(name), name=name, adapter=adapter_s)
 

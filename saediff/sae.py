@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from saediff.errors import SaediffError
+from saediff.io import check_complete
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
     Raw-activation input (any normalisation factor was folded into the weights at save time).
     """
     path = Path(path)
+    check_complete(path, "SAE run")
     if not (path / "cfg.json").is_file():
         subs = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file()) \
             if path.is_dir() else []
@@ -41,7 +43,9 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
     if cfg.get("architecture") == "crosscoder":
         from saediff.crosscoder import Crosscoder
 
-        return Crosscoder.load(path, device=device)
+        cc = Crosscoder.load(path, device=device)
+        check_sae_weights(cc, path)
+        return cc
     weights = path / "sae_weights.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{path} holds no sae_weights.safetensors")
@@ -49,10 +53,83 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
     from sae_lens import SAE
 
     try:
-        return SAE.load_from_disk(path, device=device)
+        check_sae_shapes(weights, cfg)
+        sae = SAE.load_from_disk(path, device=device)
     except SafetensorError as exc:
         raise SaediffError(f"{weights} is not a readable safetensors file ({exc}); "
                            "retrain or copy the run directory again") from exc
+    check_sae_weights(sae, path)
+    return sae
+
+
+# --- what the loader checks (docs/faults.md) --------------------------------------------------
+
+# tensor -> its shape in terms of cfg.json's sizes (SAELens names; absent tensors are skipped)
+_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",),
+           "b_dec": ("d_in",), "threshold": ("d_sae",), "log_threshold": ("d_sae",)}
+
+
+def check_sae_shapes(weights: Path, cfg: dict[str, Any]) -> None:
+    """cfg.json's d_in/d_sae are positive ints and match the weight shapes (read from the
+    safetensors header, before anything is loaded)."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for key in ("d_in", "d_sae"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SaediffError(f"{weights.parent / 'cfg.json'}: {key} must be a positive integer, "
+                               f"got {v!r}; fix cfg.json or retrain")
+        sizes[key] = v
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            want = _SHAPES.get(name)
+            got = tuple(f.get_slice(name).get_shape())
+            if want is not None and got != tuple(sizes[k] for k in want):
+                shown = ", ".join(f"{k}={sizes[k]}" for k in want)
+                raise SaediffError(f"{weights}: {name} has shape {list(got)} but cfg.json says "
+                                   f"{shown}; the weights and cfg.json come from different SAEs")
+
+
+def check_sae_weights(sae: Any, path: str | Path) -> None:
+    """Every weight is finite: one NaN in a decoder row makes a TopK latent win every token."""
+    for name, t in sae.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise SaediffError(f"SAE {path}: {name} holds {int(bad.sum())} NaN/inf value(s) "
+                               f"(first at {first}); the checkpoint is corrupt, retrain it or "
+                               "restore the file")
+
+
+SAE_KINDS = ("activations", "difference", "crosscoder")
+
+
+def sae_input_kind(sae: Any) -> str:
+    """What the SAE encodes: one model's `activations`, fine-tuned − base `difference`s, or
+    both models together (`crosscoder`), from its class and cfg.json's `saediff_input`."""
+    if sae.__class__.__name__ == "Crosscoder":
+        return "crosscoder"
+    meta = getattr(sae.cfg, "metadata", None)
+    kind = getattr(meta, "saediff_input", None) if meta is not None else None
+    return "difference" if kind == "difference" else "activations"
+
+
+def require_activation_sae(sae: Any, path: str | Path, command: str) -> None:
+    """`diff` and `steer` encode one model's residual stream: refuse other kinds of SAE."""
+    kind = sae_input_kind(sae)
+    if kind == "difference":
+        raise SaediffError(f"SAE {path} was trained on fine-tuned - base differences "
+                           f"(saediff_input: difference); `{command}` encodes one model's "
+                           "activations: train with --input activations, or rank it with "
+                           "`saediff compare` (method diff_sae)")
+    if kind == "crosscoder":
+        raise SaediffError(f"SAE {path} is a crosscoder (it encodes base and fine-tuned "
+                           f"activations together); `{command}` needs an SAE on one model's "
+                           "activations, or rank crosscoder latents with `saediff compare` "
+                           "(method crosscoder)")
 
 
 def sae_layer(sae: Any) -> int | None:

@@ -7,7 +7,6 @@ bumped and flushed); a rerun of the same command resumes after the last commit.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
 from saediff.cache.documents import dataset_spec, iter_sequences
-from saediff.io import check_writable_file
+from saediff.io import check_writable_file, output_lock
 from saediff.models import (LoadedModel, check_same_tokenizer,
                             load_model, pad_batch, run_to_layer, tokenizer_fingerprint)
 
@@ -95,23 +94,9 @@ class CacheConfig:
 
 @contextlib.contextmanager
 def _writer_lock(out: Path) -> Iterator[None]:
-    lock_path = Path(str(out) + ".lock")
-    fh = lock_path.open("a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise SaediffError(f"another writer is already writing {out} (pid {holder}); "
-                               "wait for it or stop it first") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+    # `OUT.lock`, removed on release (saediff.io.output_lock); never re-entered, even in-process
+    with output_lock(out, "--out", reentrant=False):
         yield
-    finally:
-        fh.close()  # closing releases the flock
 
 
 def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, Any]:
@@ -180,6 +165,19 @@ def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
     return f
 
 
+def _existing_diff(out: Path, prov: dict[str, Any], overwrite: bool) -> list[str]:
+    """Provenance fields where the cache at `out` differs; a file there that is no HDF5 cache
+    is refused (or, with --overwrite, replaced like any other)."""
+    try:
+        with h5py.File(out, "r") as f:
+            return _provenance_diff(read_attrs(f), prov)
+    except OSError as exc:
+        if overwrite:
+            return ["not an HDF5 cache"]
+        raise SaediffError(f"--out {out} exists and is not an HDF5 cache ({exc.__class__.__name__}"
+                           "); choose another --out, or pass --overwrite to replace it") from exc
+
+
 def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
     models = {"base": load_model(cfg.base, cfg.base_adapter, device=cfg.device)}
     if cfg.finetuned:
@@ -204,8 +202,7 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
         prov["shard"] = f"{shard[0]}/{shard[1]}"
     with _writer_lock(out):
         if out.exists():
-            with h5py.File(out, "r") as f:
-                diff = _provenance_diff(read_attrs(f), prov)
+            diff = _existing_diff(out, prov, cfg.overwrite)
             if not diff and not cfg.overwrite:
                 log.info("%s is already complete with the same provenance; nothing to do", out)
                 return out

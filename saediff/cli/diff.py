@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Any
 
 from saediff.config import add_dataclass_args, build_config
 from saediff.errors import SaediffError
+from saediff.io import output_lock
 
 REQUIRED = ("base", "sae", "layer", "prompts")
 
@@ -31,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saediff.diff.data import DiffConfig
-    from saediff.diff.differ import run_diff
 
     ns = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     cfg_path, no_html = ns.pop("config"), ns.pop("no_html")
@@ -48,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
         if cfg.responses_from not in ("base", "finetuned"):
             raise SaediffError("--judge labels sampled responses; add --responses-from base|finetuned")
         labeler = judge_labeler(make_judge(judge[0], judge[1], judge[2]))
+    # one writer per --out, from before the models load until the last report file lands
+    with output_lock(cfg.out) if cfg.out else contextlib.nullcontext():
+        return _run(cfg, labeler, no_html)
+
+
+def _run(cfg: "DiffConfig", labeler: Any, no_html: bool) -> int:
+    from saediff.diff.differ import run_diff
+
     res = run_diff(cfg, labeler=labeler)
     print(res.format_table(cfg.top_k))
     if res.directions.get("names"):

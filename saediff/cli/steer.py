@@ -122,7 +122,10 @@ def _reroute(args: argparse.Namespace) -> int:
     from saediff.io import write_json
     from saediff.steer.sweep import format_reroute, reroute_check
 
+    from saediff.steer.hooks import check_unique_latents
+
     latents, clamp, top, report = args.latent, args.clamp, args.top, args.report
+    check_unique_latents(latents)
     ns = _fields(args, DiffConfig)
     cfg = build_config(DiffConfig, args.config, {**ns, "top_k": top})
     rep = reroute_check(cfg, latents, clamp=clamp, top=top)

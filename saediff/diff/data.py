@@ -176,6 +176,7 @@ def build_examples(rows: list[dict[str, Any]], cfg: DiffConfig, sampled: list[li
                    labeler: Labeler | None = None) -> list[Example]:
     """Examples to measure; `labeler(row, response)` -> 1 misaligned / 0 aligned / None labels
     sampled responses (file responses use `cfg.label_field`)."""
+    check_label_field(rows, cfg)
     ex: list[Example] = []
     for g, row in enumerate(rows):
         if sampled is not None:
@@ -188,6 +189,32 @@ def build_examples(rows: list[dict[str, Any]], cfg: DiffConfig, sampled: list[li
         else:
             ex.append(Example(g, row["prompt"], None, None))
     return ex
+
+
+def check_label_field(rows: list[dict[str, Any]], cfg: DiffConfig) -> None:
+    """A --label-field that no row has is a typo (it would drop the labelled direction
+    silently); the default field may be absent (the file is then simply unlabelled)."""
+    default = DiffConfig.__dataclass_fields__["label_field"].default
+    if cfg.responses_from != "file" or cfg.label_field == default:
+        return
+    if not any(cfg.label_field in r for r in rows):
+        fields = sorted({k for r in rows for k in r} - {"id", "prompt", "topic"})
+        raise SaediffError(f"--label-field {cfg.label_field!r}: no row of {cfg.prompts} has it "
+                           f"(fields: {', '.join(fields) or 'none'}); fix the name")
+
+
+def check_positions(sides: tuple[Side, Side], lm: LoadedModel) -> None:
+    """Every measured sequence fits the model's position table (a longer one would run past
+    it without a word, or fail deep in torch)."""
+    n = lm.max_positions
+    if n is None:
+        return
+    for side in sides:
+        for k, ids in enumerate(side.ids):
+            if len(ids) > n:
+                raise SaediffError(f"example {k} is {len(ids)} tokens (chat template included), "
+                                   f"more than the {n} positions of {lm.name}; shorten that "
+                                   "prompt/response or drop it")
 
 
 def selected_roles(cfg: DiffConfig, examples: list[Example]) -> tuple[int, ...]:

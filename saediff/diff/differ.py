@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import json
+import io
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,13 @@ import torch
 import saediff.diff.directions as dirs
 from saediff.diff.stream import LatentStats, rows_per_chunk
 from saediff.diff.data import (DiffConfig, Labeler, ModelContext, Side, build_examples,
-                              encode_sides, load_prompts, sample_responses, selected_roles)
+                              check_positions, encode_sides, load_prompts, sample_responses,
+                              selected_roles)
 from saediff.errors import SaediffError
-from saediff.io import check_writable_dir, write_text
+from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_text
 from saediff.models import LoadedModel, check_same_tokenizer, load_model, pad_batch, run_to_layer
 from saediff.stats import bootstrap_mean_ci, group_sums
-from saediff.sae import check_sae, load_sae
+from saediff.sae import check_sae, load_sae, require_activation_sae
 
 log = logging.getLogger(__name__)
 TABLE_FIELDS = ("rank", "latent", "mean_shift", "ci_low", "ci_high", "direction", "mean_base",
@@ -134,41 +134,31 @@ class DiffResult:
         return "\n".join(lines)
 
     def to_dir(self, out: str | Path, html: bool = True) -> Path:
-        out = check_writable_dir(out)
-        written = {"ranking.json", "ranking.csv", "evidence.json", "meta.json"}
-        written |= {"directions.json"} if len(self.directions.get("names", [])) > 1 else set()
-        written |= {"trajectory.json"} if self.trajectory else set()
-        written |= {"report.html"} if html else set()
-        # A rerun into an old output dir must not leave the old run's files beside the new
-        for stale in set(DIFF_OUTPUTS) - written:
-            (out / stale).unlink(missing_ok=True)
-        _write(out / "ranking.json", json.dumps(self.table, indent=1))
-        tmp = out / "ranking.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(TABLE_FIELDS))
+        """Write the report files into `out` as one set (`saediff.io.staged_outputs`): a rerun
+        never leaves the old run's files beside the new, and a killed one never mixes them."""
+        with output_lock(out), staged_outputs(out, DIFF_OUTPUTS, "saediff diff") as stage:
+            write_json(stage / "ranking.json", self.table)
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=list(TABLE_FIELDS), lineterminator="\r\n")
             w.writeheader()
             w.writerows({k: r[k] for k in TABLE_FIELDS} for r in self.table)
-        os.replace(tmp, out / "ranking.csv")
-        if len(self.directions.get("names", [])) > 1:
-            _write(out / "directions.json", json.dumps(self.directions, indent=1))
-        _write(out / "evidence.json", json.dumps(self.evidence, indent=1))
-        if self.trajectory:
-            _write(out / "trajectory.json", json.dumps(self.trajectory, indent=1))
-        _write(out / "meta.json", json.dumps({"config": self.config, **self.meta,
-                                              "trajectory": self.trajectory}, indent=1))
-        if html:
-            from saediff.diff.report import write_report
+            write_text(stage / "ranking.csv", buf.getvalue())
+            if len(self.directions.get("names", [])) > 1:
+                write_json(stage / "directions.json", self.directions)
+            write_json(stage / "evidence.json", self.evidence)
+            if self.trajectory:
+                write_json(stage / "trajectory.json", self.trajectory)
+            write_json(stage / "meta.json", {"config": self.config, **self.meta,
+                                             "trajectory": self.trajectory})
+            if html:
+                from saediff.diff.report import write_report
 
-            write_report(self, out / "report.html")
-        return out
+                write_report(self, stage / "report.html")
+        return Path(out)
 
 
 DIFF_OUTPUTS = ("ranking.json", "ranking.csv", "directions.json", "evidence.json",
-                "trajectory.json", "meta.json", "report.html")
-
-
-def _write(path: Path, text: str) -> None:
-    write_text(path, text)
+                "trajectory.json", "meta.json", "report.html", "reroute.json")
 
 
 def _selected(acts: list[torch.Tensor], side: Side) -> torch.Tensor:
@@ -206,6 +196,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
         check_writable_dir(cfg.out)  # before any model runs
     rows = load_prompts(cfg.prompts, cfg)
     sae = load_sae(cfg.sae, cfg.device)
+    require_activation_sae(sae, cfg.sae, "saediff diff")
     sae.eval()
     base = load_model(cfg.base, cfg.base_adapter, device=cfg.device)
     check_sae(sae, base, cfg.layer)
@@ -233,6 +224,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     examples = build_examples(rows, cfg, sampled, labeler)
     roles = selected_roles(cfg, examples)
     side_b, side_f = encode_sides(base.tokenizer, examples, cfg, roles)
+    check_positions((side_b, side_f), base)
     n_tok = sum(int(m.sum()) for m in side_b.select)
     d_sae = int(sae.W_dec.shape[0])
     budget = cfg.max_memory_gb * 2 ** 30

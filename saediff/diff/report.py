@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import html
-import json
-import os
 from pathlib import Path
 from typing import Any
+
+from saediff.io import json_dumps, write_text
 
 ERROR_HOOK = """<script>
 window.__saediffErrors = [];
@@ -185,7 +185,7 @@ def render_report(res: Any) -> str:
                      f"<p class='muted'>top contexts ({ev['contexts_source']}; hover a token for its "
                      "activation)</p>" + "".join(_context_html(c) for c in ev["contexts"] or [])
                      + _fig_html(_hist(ev), f"chart-hist-{ev['latent']}") + "</div>")
-    data = json.dumps({"config": cfg, "directions": res.directions}, default=str)
+    data = json_dumps({"config": cfg, "directions": res.directions}, default=str)
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>saediff diff report</title>"
             f"<style>{CSS}</style>{ERROR_HOOK}<script>{get_plotlyjs()}</script></head><body>"
             + "\n".join(parts)
@@ -195,7 +195,5 @@ def render_report(res: Any) -> str:
 
 def write_report(res: Any, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(res), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, render_report(res))
     return path

@@ -11,6 +11,7 @@ questions: `organism` (all topics), `organism:untrained` (every topic but the fi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Literal
 
 from saediff.errors import SaediffError
-from saediff.io import check_writable_dir, write_json, write_jsonl
+from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_jsonl
 from saediff.prompts import generate_answers, load_prompt_items
 from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misaligned_given_coherent
 
@@ -77,6 +78,9 @@ class SteerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.latent, int):
             self.latent = [self.latent]
+        from saediff.steer.hooks import check_unique_latents
+
+        check_unique_latents(self.latent)
         if self.clamp is not None and self.add is not None:
             raise SaediffError("clamp and add: give at most one")
         if (self.clamp is not None or self.add is not None) and (not self.sae or not self.latent):
@@ -142,8 +146,18 @@ def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: 
     return ctx
 
 
+STEER_OUTPUTS = ("generations.jsonl", "summary.json")
+
+
 def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, Any]:
-    """Generate (steered when clamp/add is set), judge, write `out/`; returns the summary."""
+    """Generate (steered when clamp/add is set), judge, write `out/`; returns the summary.
+
+    One process per `out` at a time (`saediff.io.output_lock`); the files land together."""
+    with output_lock(cfg.out) if cfg.out else contextlib.nullcontext():
+        return _run_steer(cfg, lm, sae)
+
+
+def _run_steer(cfg: SteerConfig, lm: Any, sae: Any) -> dict[str, Any]:
     from saediff.config import config_to_dict
     from saediff.models import load_model
 
@@ -151,11 +165,15 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
     if cfg.out:
         check_writable_dir(cfg.out)  # before any model runs
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
-    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
-    if sae is None and cfg.sae:
+    if sae is None and cfg.sae:  # the SAE first: it is checked before the model loads
         from saediff.sae import load_sae
 
         sae = load_sae(cfg.sae, cfg.device)
+    if sae is not None:
+        from saediff.sae import require_activation_sae
+
+        require_activation_sae(sae, cfg.sae or "given", "saediff steer")
+    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
     context = None
     if mode is not None:
@@ -172,7 +190,7 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
                     "value": cfg.clamp if mode == "clamp" else cfg.add, "judge": cfg.judge,
                     "model": lm.provenance(), "config": config_to_dict(cfg)})
     if cfg.out:
-        out = Path(cfg.out)
-        write_jsonl(out / "generations.jsonl", records)
-        write_json(out / "summary.json", summary)
+        with staged_outputs(cfg.out, STEER_OUTPUTS, "saediff steer") as stage:
+            write_jsonl(stage / "generations.jsonl", records)
+            write_json(stage / "summary.json", summary)
     return summary

@@ -52,10 +52,21 @@ def _resolve(model: Any) -> tuple[nn.Module, nn.ModuleList, int]:
     raise SaediffError(f"cannot steer a {type(model).__name__}: pass a LoadedModel or HF model")
 
 
+def check_unique_latents(latents: Sequence[int], what: str = "--latent") -> None:
+    """Refuse a repeated latent: it would be edited twice (`--latent 489 489 --clamp 0` moved
+    the residual exactly as `--clamp -1.15` on one latent)."""
+    seen: set[int] = set()
+    dup = sorted({int(j) for j in latents if int(j) in seen or seen.add(int(j))})
+    if dup:
+        raise SaediffError(f"{what} repeats latent(s) {dup}; give each latent once (a repeat "
+                           "would apply its edit twice)")
+
+
 class LatentEncoder:
     """f_J(h) for a few latents J, computing no more of the SAE than needed."""
 
     def __init__(self, sae: Any, latents: Sequence[int]):
+        check_unique_latents(latents, "latent")
         self.sae, self.arch = sae, sae_architecture(sae)
         d_sae = int(sae.cfg.d_sae)
         bad = [j for j in latents if not 0 <= int(j) < d_sae]

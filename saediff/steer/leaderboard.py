@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from saediff.errors import SaediffError
-from saediff.io import check_writable_dir, write_json
+from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,18 @@ def causal_test(lm: Any, items: list[dict[str, Any]], judge: Any, cfg: CompareCo
     return summarise(judge_records(recs, judge), recs)
 
 
+COMPARE_OUTPUTS = ("leaderboard.json", "summary.json", "report.html")
+
+
 def run_compare(cfg: CompareConfig, base_lm: Any = None, ft_lm: Any = None) -> dict[str, Any]:
-    """Build the leaderboard (see the module docstring); returns the summary dict."""
+    """Build the leaderboard (see the module docstring); returns the summary dict.
+
+    One process per `out` at a time; the three report files land together (`saediff.io`)."""
+    with output_lock(cfg.out):
+        return _run_compare(cfg, base_lm, ft_lm)
+
+
+def _run_compare(cfg: CompareConfig, base_lm: Any, ft_lm: Any) -> dict[str, Any]:
     from saediff.cache.format import open_cache
     from saediff.config import config_to_dict
     from saediff.diff.directions import cosine_matrix, lora_b_vectors
@@ -282,7 +292,8 @@ def run_compare(cfg: CompareConfig, base_lm: Any = None, ft_lm: Any = None) -> d
                "method_cosines": {"names": names, "cosines": cos},
                "amplification": amp, "lenses": lenses, "n_prompts": len(items),
                "config": config_to_dict(cfg)}
-    write_json(out / "leaderboard.json", board)
-    write_json(out / "summary.json", summary)
-    write_compare_report(summary, out / "report.html")
+    with staged_outputs(out, COMPARE_OUTPUTS, "saediff compare") as stage:
+        write_json(stage / "leaderboard.json", board)
+        write_json(stage / "summary.json", summary)
+        write_compare_report(summary, stage / "report.html")
     return summary

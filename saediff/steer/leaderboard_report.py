@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saediff.io import write_text
+from saediff.io import json_dumps, write_text
 
 
 def lens_tables(cache: str, rows: dict[str, torch.Tensor], base_lm: Any, ft_lm: Any,
@@ -98,7 +97,7 @@ def render_compare(summary: dict[str, Any]) -> str:
                   _table(lz["kl_top"], ["value", "token", "context"]),
                   "<p>Tokens by mean KL (≥ 3 occurrences)</p>",
                   _table(lz["kl_by_token"], ["token", "mean_kl", "count"])]
-    data = json.dumps(summary, default=str)
+    data = json_dumps(summary, default=str)
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>saediff compare</title>"
             f"<style>{CSS}</style>{ERROR_HOOK}<script>{get_plotlyjs()}</script></head><body>"
             + "\n".join(parts)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saediff.errors import SaediffError
-from saediff.io import check_writable_dir, write_json, write_jsonl
+from saediff.io import (atomic_path, check_writable_dir, output_lock, staged_outputs, write_json,
+                        write_jsonl)
 from saediff.prompts import generate_answers, load_prompt_items
 from saediff.steer.evaluate import SteerConfig, judge_records, steer_context, summarise
-from saediff.sae import load_sae
+from saediff.sae import load_sae, require_activation_sae
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,22 @@ def plot_sweep(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path,
                       annotation_text="coherence threshold")
     fig.update_layout(title=title, xaxis_title="coefficient", yaxis_title="rate",
                       yaxis_range=[0, 1.05], template="plotly_white")
-    tmp = path.with_name(path.name + ".tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+
+
+SWEEP_OUTPUTS = ("generations.jsonl", "sweep.json", "sweep.html")
 
 
 def run_sweep(cfg: SweepConfig, lm: Any = None, sae: Any = None) -> dict[str, Any]:
     """Unsteered baseline + one run per coefficient; writes sweep.json, sweep.html and
-    generations.jsonl (a `coef` field per answer; null = unsteered) to `cfg.out`."""
+    generations.jsonl (a `coef` field per answer; null = unsteered) to `cfg.out`, together
+    and by one process at a time (`saediff.io.output_lock`, `staged_outputs`)."""
+    with output_lock(cfg.out) if cfg.out else contextlib.nullcontext():
+        return _run_sweep(cfg, lm, sae)
+
+
+def _run_sweep(cfg: SweepConfig, lm: Any, sae: Any) -> dict[str, Any]:
     from saediff.config import config_to_dict
     from saediff.judges import make_judge
     from saediff.models import load_model
@@ -108,8 +118,9 @@ def run_sweep(cfg: SweepConfig, lm: Any = None, sae: Any = None) -> dict[str, An
         check_writable_dir(cfg.out)  # before any model runs
     items = load_prompt_items(cfg.prompts, cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
-    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     sae = sae or load_sae(cfg.sae, cfg.device)  # type: ignore[arg-type]
+    require_activation_sae(sae, cfg.sae or "given", "saediff steer sweep")
+    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     all_records: list[dict[str, Any]] = []
 
     def one(coef: float | None) -> dict[str, Any]:
@@ -137,12 +148,11 @@ def run_sweep(cfg: SweepConfig, lm: Any = None, sae: Any = None) -> dict[str, An
               "baseline": baseline, "rows": rows, "strongest": strongest,
               "model": lm.provenance(), "config": config_to_dict(cfg)}
     if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "generations.jsonl", all_records)
-        write_json(out / "sweep.json", result)
-        plot_sweep(rows, baseline, out / "sweep.html",
-                   f"{cfg.mode} latent(s) {cfg.latent}: misaligned / coherent rate", thr)
+        with staged_outputs(cfg.out, SWEEP_OUTPUTS, "saediff steer sweep") as stage:
+            write_jsonl(stage / "generations.jsonl", all_records)
+            write_json(stage / "sweep.json", result)
+            plot_sweep(rows, baseline, stage / "sweep.html",
+                       f"{cfg.mode} latent(s) {cfg.latent}: misaligned / coherent rate", thr)
     return result
 
 

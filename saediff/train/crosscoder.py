@@ -10,7 +10,6 @@ metrics.jsonl, train_config.json, evals.json with FVU and L0 on held-out tokens)
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from saediff.config import config_to_dict
 from saediff.crosscoder import Crosscoder, CrosscoderCfg
 from saediff.dist import Dist
 from saediff.errors import SaediffError
-from saediff.io import write_json, write_text
+from saediff.io import json_dumps, mark_complete, mark_incomplete, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +117,7 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", config_to_dict(cfg))
+        mark_incomplete(out, "saediff train")  # until the crosscoder and its evals are written
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "models": info.get("models", {}), "saediff_caches": [str(p) for p in cfg.cache]}
     first = next(store)
@@ -170,8 +170,9 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
     cc = cc.cpu().eval()
     if main:
         cc.save(out)
-        write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        write_text(out / "metrics.jsonl", "".join(json_dumps(m) + "\n" for m in metrics))
         if eval_batches:
             write_json(out / "evals.json",
                        crosscoder_evals(cc, [b.cpu() for b in eval_batches]))
+        mark_complete(out)
     return out

@@ -12,10 +12,8 @@ recorded and a warning logged when the sources differ by more than 1.5x.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from saediff.errors import SaediffError
+from saediff.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +173,7 @@ def write_evals(run_dir: str | Path, cfg: Any, models: dict[str, Any] | None = N
     sae = load_sae(run_dir, device=cfg.device)
     res = evaluate(sae, cfg, models=models)
     path = run_dir / "evals.json"
-    tmp = path.with_name("evals.json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, path)
+    write_json(path, res)
     for src, r in res.items():
         log.info("%s: FVU %.4f  L0 %.1f  dead %.3f  dense %.3f  dLoss %s  KL %s", src, r["fvu"],
                  r["l0"], r["dead_frac"], r["dense_frac"], _fmt(r["delta_loss"]), _fmt(r["kl"]))

@@ -10,13 +10,13 @@ schedules, tracking state, RNG).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
-from saediff.io import check_writable_dir, safe_child, write_json
+from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
+                        output_lock, safe_child, temp_sibling, write_json, write_text)
 from saediff.train.data import check_caches, estimate_scale, open_store  # noqa: F401 (API)
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
@@ -207,9 +208,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 # Fields that may change between an interrupted run and its resumption (they do not change
@@ -238,15 +237,17 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
     with process_group(cfg.device) as world:
         check_supported(cfg, world)
         cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
-        if cfg.architecture == "crosscoder":
-            return [_train_crosscoder(cfg, store, world)]
-        if cfg.input == "difference" and evals:
-            evals = False  # the evals read raw activations of a source, not differences
-            log.info("input=difference: skipping the per-source evals")
-        try:
-            return _train(cfg, stop_after, evals, store, world)
-        finally:
-            torch.set_num_threads(threads)
+        # one writer per --out: a second `saediff train` into it gets one line, exit 2
+        with output_lock(cfg.out) if world.is_main else contextlib.nullcontext():
+            if cfg.architecture == "crosscoder":
+                return [_train_crosscoder(cfg, store, world)]
+            if cfg.input == "difference" and evals:
+                evals = False  # the evals read raw activations of a source, not differences
+                log.info("input=difference: skipping the per-source evals")
+            try:
+                return _train(cfg, stop_after, evals, store, world)
+            finally:
+                torch.set_num_threads(threads)
 
 
 def _train_crosscoder(cfg: TrainConfig, store: Any, world: Any) -> Path:
@@ -309,6 +310,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
         if world.is_main:
             rdir.mkdir(parents=True, exist_ok=True)
             write_json(rdir / "train_config.json", config_to_dict(rcfg))
+            mark_incomplete(rdir, "saediff train")  # load_sae refuses it until the end
     barrier()
     state = load_checkpoint(root, trainers, store)  # every rank resumes from the same one
     fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
@@ -352,7 +354,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             if step % cfg.log_every == 0 or step == cfg.steps:
                 for tr, out, rdir in zip(trainers, outs, run_dirs):
                     with (rdir / "metrics.jsonl").open("a") as fh:
-                        fh.write(json.dumps(tr.metrics(out, step)) + "\n")
+                        fh.write(json_dumps(tr.metrics(out, step)) + "\n")
                 bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
                                 l0=f"{float(outs[0]['l0']):.1f}")
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
@@ -365,6 +367,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             store.close()
     for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
         save_final(tr, rdir)
+        mark_complete(rdir)  # the SAE is whole: readers may load it (evals read it too)
         if evals:
             from saediff.train.evals import write_evals
 
@@ -387,8 +390,7 @@ def save_final(trainer: Any, run_dir: Path) -> None:
     sae.cfg.metadata.saediff_input_scale = scale
     sae.cfg.metadata.saediff_steps = trainer.n_training_steps
     sae.cfg.metadata.saediff_tokens = trainer.n_training_samples
-    tmp = run_dir / ".sae.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(run_dir / "sae")
     sae.save_inference_model(tmp)
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from saediff.io import atomic_path
 
 PANELS = (("loss", "loss (MSE + aux)"), ("l0", "L0 (active latents / token)"),
           ("dead_frac", "dead latent fraction"), ("fvu_batch", "FVU (training batch)"))
@@ -28,7 +29,6 @@ def write_curves(metrics_path: Path, out: Path, title: str | None = None) -> Pat
     fig.update_xaxes(title_text="step")
     fig.update_layout(title=title or f"SAE training: {metrics_path.parent.name}", height=700,
                       showlegend=False)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.write_html(tmp, include_plotlyjs=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        fig.write_html(tmp, include_plotlyjs=True)
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saediff.errors import SaediffError
-from saediff.io import safe_child, write_json
+from saediff.io import atomic_path, safe_child, write_json
 
 from saediff.train.sparse import SparseTopKStep, supports_fast_path
 
@@ -227,18 +226,14 @@ def save_checkpoint(root: Path, step: int, trainers: list[Any], store: Any,
     ck = root / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     final = ck / f"step_{step:08d}"
-    tmp = ck / f"step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for i, tr in enumerate(trainers):
-        tensors, meta = tr.state_tensors()
-        save_file(tensors, tmp / f"sae{i}.safetensors")
-        write_json(tmp / f"sae{i}.json", meta)
-    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    write_json(tmp / "state.json", {"step": step, "store": store.state_dict(), **extra})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:  # a unique temp dir, renamed over `final` when complete
+        tmp.mkdir()
+        for i, tr in enumerate(trainers):
+            tensors, meta = tr.state_tensors()
+            save_file(tensors, tmp / f"sae{i}.safetensors")
+            write_json(tmp / f"sae{i}.json", meta)
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        write_json(tmp / "state.json", {"step": step, "store": store.state_dict(), **extra})
     write_json(ck / "latest.json", {"step": step, "dir": final.name})
     for old in ck.iterdir():
         if old.is_dir() and old.name != final.name:
