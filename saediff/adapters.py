@@ -25,9 +25,6 @@ def load_adapter(model: nn.Module, adapter: str, model_name: str = "the model") 
     from peft import PeftModel
     from peft.utils.error import NoMatchingPeftModuleError
 
-    from saediff.models import _check_local
-
-    _check_local(adapter, "adapter")
     path = Path(adapter)
     weights = None
     if path.exists():

@@ -146,7 +146,11 @@ def load_yaml(path: str | Path) -> Any:
     """`yaml.safe_load` of a file; syntax errors and refused tags name the file and line."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))  # a yaml.SafeLoader
+        try:
+            return loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except UnicodeDecodeError as exc:
         raise SaediffError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     except _DuplicateKey as exc:

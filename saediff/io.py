@@ -145,20 +145,27 @@ def _refuse_dangling(p: Path, what: str) -> None:
 _HELD: dict[str, int] = {}  # lock paths this process holds -> depth (re-entrant in one process)
 
 
-def lock_path(target: str | Path) -> Path:
-    """The lock file of an output `target` (file or directory): `TARGET.lock` beside it."""
-    return Path(os.path.abspath(target) + ".lock")
+def lock_path(target: str | Path, directory: bool = True) -> Path:
+    """The lock file of an output: `DIR/.saediff.lock` inside a directory, `FILE.lock` beside
+    a file."""
+    return Path(os.path.abspath(target)) / ".saediff.lock" if directory \
+        else Path(os.path.abspath(target) + ".lock")
 
 
 @contextlib.contextmanager
-def output_lock(target: str | Path, what: str = "--out", reentrant: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on `target` for the block; a second process gets one line, exit 2.
+def output_lock(target: str | Path, what: str = "--out", reentrant: bool = True,
+                directory: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on output `target` for the block; a second process gets one
+    line, exit 2.
 
-    An `flock` on `TARGET.lock` (released by the kernel when the process dies, so a killed
+    An `flock` on `lock_path(target)` (released by the kernel when the process dies, so a killed
     writer never blocks the next one); the file holds the holder's pid and is removed on release.
-    Re-entrant within one process unless `reentrant=False`.
+    A `directory` target is created (and checked writable) first. Re-entrant within one process
+    unless `reentrant=False`.
     """
-    lock = lock_path(target)
+    if directory:
+        check_writable_dir(target, what)
+    lock = lock_path(target, directory)
     key = str(lock)
     if reentrant and _HELD.get(key):
         _HELD[key] += 1

@@ -231,6 +231,7 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
         from saediff.adapters import load_adapter
 
         adapter_s = str(adapter)
+        _check_local(adapter_s, "adapter")
         model = load_adapter(model, adapter_s, name)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(name), name=name, adapter=adapter_s)

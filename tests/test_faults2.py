@@ -26,7 +26,8 @@ from saediff.errors import SaediffError
 
 LAYER = 1
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+       "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                      os.environ.get("PYTHONPATH", "")])}
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -248,8 +249,8 @@ DiffResult(table=[row], meta={"run": "new"}).to_dir(out, html=True)
 """
 
 
-def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+def _files(d: Path) -> dict[str, bytes]:  # (a killed writer's lock file aside)
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != ".saediff.lock"}
 
 
 def test_killed_diff_leaves_the_old_report_whole_or_marked(tmp_path):
@@ -480,3 +481,19 @@ def test_many_killed_writers_never_block_the_next(tmp_path):
     with output_lock(out):
         pass
     assert time.monotonic() - t0 < 5 and not lock_path(out).exists()
+
+
+def test_contexts_cache_of_another_layer_refused(tmp_path, tiny_qwen):
+    from saediff.cache.writer import CacheConfig, build_cache
+    from saediff.diff.data import DiffConfig
+    from saediff.diff.differ import run_diff
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "you save money every day ."}) + "\n"
+                            for _ in range(8)))
+    cache = build_cache(CacheConfig(base=str(tiny_qwen), dataset=str(data), layer=2, ctx_len=16,
+                                    max_tokens=40, out=str(tmp_path / "l2.h5")))
+    with pytest.raises(SaediffError, match="holds layer 2, not the SAE's 1"):
+        run_diff(DiffConfig(base=str(tiny_qwen), finetuned=[str(tiny_qwen)], layer=1,
+                            sae=str(_topk_sae(tmp_path / "sae")), contexts_cache=str(cache),
+                            prompts=str(_prompts(tmp_path / "p.jsonl"))))

@@ -95,7 +95,7 @@ class CacheConfig:
 @contextlib.contextmanager
 def _writer_lock(out: Path) -> Iterator[None]:
     # `OUT.lock`, removed on release (saediff.io.output_lock); never re-entered, even in-process
-    with output_lock(out, "--out", reentrant=False):
+    with output_lock(out, "--out", reentrant=False, directory=False):
         yield
 
 

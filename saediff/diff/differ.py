@@ -200,6 +200,12 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     sae.eval()
     base = load_model(cfg.base, cfg.base_adapter, device=cfg.device)
     check_sae(sae, base, cfg.layer)
+    if cfg.contexts_cache:
+        from saediff.diff.evidence import check_contexts_cache
+        from saediff.models import tokenizer_fingerprint
+
+        check_contexts_cache(cfg.contexts_cache, sae, cfg.layer,
+                             tokenizer_fingerprint(base.tokenizer))
     ckpts = cfg.checkpoints()
     prompt_induced = not cfg.finetuned and not cfg.finetuned_adapter
     if prompt_induced and (cfg.base_system, cfg.base_prefix) == (cfg.finetuned_system, cfg.finetuned_prefix) \

@@ -8,6 +8,7 @@ import torch
 
 from saediff.diff.data import DiffConfig, Example, Side
 from saediff.diff.directions import logit_tokens
+from saediff.errors import SaediffError
 from saediff.stats import histogram
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,23 @@ def diffset_contexts(tok: Any, latent: int, side_f: Side, acts_f: list[torch.Ten
 
 
 @torch.no_grad()
+def check_contexts_cache(path: str, sae: Any, layer: int, tokenizer_fp: str) -> None:
+    """--contexts-cache must hold the SAE's layer and width, tokenized like the diffed models
+    (else the top contexts would be another layer's, or decode to other words)."""
+    from saediff import open_cache
+
+    with open_cache(path) as c:
+        d_in = int(sae.cfg.d_in)
+        problems = [f"layer {c.layer}, not the SAE's {layer}"] if c.layer != layer else []
+        problems += [f"d_model {c.d_model}, not the SAE's d_in {d_in}"] if c.d_model != d_in else []
+        fp = c.attrs.get("tokenizer_fingerprint")
+        problems += ["another tokenizer than the diffed models'"] if fp and fp != tokenizer_fp \
+            else []
+    if problems:
+        raise SaediffError(f"--contexts-cache {path} holds {'; '.join(problems)}; give a cache "
+                           f"built with `saediff cache --layer {layer}` from these models")
+
+
 def cache_contexts(path: str, sae: Any, latents: list[int], tok: Any, n: int = 5, window: int = 16,
                    chunk: int = 8192) -> dict[int, list[dict[str, Any]]]:
     """Top-activating rows of each latent over an activation cache (all its sources)."""

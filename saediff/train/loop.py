@@ -16,7 +16,6 @@ import itertools
 import math
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
 from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
-                        output_lock, safe_child, temp_sibling, write_json, write_text)
+                        output_lock, safe_child, staged_outputs, write_json, write_text)
 from saediff.train.data import check_caches, estimate_scale, open_store  # noqa: F401 (API)
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
@@ -390,8 +389,6 @@ def save_final(trainer: Any, run_dir: Path) -> None:
     sae.cfg.metadata.saediff_input_scale = scale
     sae.cfg.metadata.saediff_steps = trainer.n_training_steps
     sae.cfg.metadata.saediff_tokens = trainer.n_training_samples
-    tmp = temp_sibling(run_dir / "sae")
-    sae.save_inference_model(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, run_dir / f.name)
-    tmp.rmdir()
+    # staged: cfg.json and the weights land together (never one from an older run)
+    with staged_outputs(run_dir, (), "saediff train") as stage:
+        sae.save_inference_model(stage)
