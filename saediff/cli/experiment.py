@@ -8,6 +8,7 @@ import importlib
 import json
 
 from saediff.config import add_dataclass_args, build_config
+from saediff.errors import SaediffError
 
 HELP = {
     "data-fraction": "EM vs the share of bad advice in the fine-tuning data",
@@ -36,15 +37,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         e = esub.add_parser(name, help=HELP[name], description=importlib.import_module(
             cls.__module__).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         e.add_argument("--config", help=f"YAML file with {cls.__name__} fields (flags override it)")
+        e.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: on a shared 2-core machine one thread "
+                            "is several times faster than two, as for the organism build)")
         add_dataclass_args(e, cls, defaults_none=True)
         e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     cls, fn = _target(args.experiment)
     ns = {k: v for k, v in vars(args).items()
-          if k not in ("command", "func", "config", "experiment")}
+          if k not in ("command", "func", "config", "experiment", "threads")}
     cfg = build_config(cls, args.config, ns)
+    if args.threads < 1:
+        raise SaediffError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     res = fn(cfg)  # type: ignore[operator]
     for row in res["conditions"]:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))
