@@ -207,9 +207,10 @@ def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, steps
 
 
 def train(model: Any, examples: list, steps: int, lr: float, batch_size: int, seed: int,
-          pad_id: int, warmup: int = 0, weight_decay: float = 0.0, what: str = "") -> float:
+          pad_id: int, warmup: int = 0, weight_decay: float = 0.0, what: str = "",
+          loss_fn: Any = None, on_step: Any = None) -> float:
     """AdamW with linear warm-up and cosine decay to 10%; loss on masked tokens. Final loss
-    (exponential moving average)."""
+    (exponential moving average). `loss_fn` / `on_step`: see `optimise`."""
     def lr_at(step: int) -> float:
         if step < warmup:
             return lr * (step + 1) / warmup
@@ -217,7 +218,8 @@ def train(model: Any, examples: list, steps: int, lr: float, batch_size: int, se
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     losses = optimise(model, _batches(examples, batch_size, steps, seed, pad_id), lr_at,
-                      weight_decay=weight_decay, betas=(0.9, 0.98), what=what)
+                      weight_decay=weight_decay, betas=(0.9, 0.98), what=what, loss_fn=loss_fn,
+                      on_step=on_step)
     ema = None
     for x in losses:
         ema = x if ema is None else 0.9 * ema + 0.1 * x
@@ -283,6 +285,16 @@ def fine_tune(cfg: BuildConfig, base_dir: Path, examples: list, *, rank: int, al
               steps: int, lr: float, targets: list[str], layers: list[int] | None,
               seed: int, what: str) -> Any:
     """A fresh PEFT LoRA on a copy of the base, trained on `examples`; returns the PeftModel."""
+    peft_model = lora_model(base_dir, rank=rank, alpha=alpha, targets=targets, layers=layers,
+                            seed=seed)
+    train(peft_model, examples, steps, lr, cfg.ft_batch_size, seed,
+          peft_model.get_base_model().config.pad_token_id, what=what)
+    return peft_model
+
+
+def lora_model(base_dir: Path, *, rank: int, alpha: float, targets: list[str],
+               layers: list[int] | None, seed: int) -> Any:
+    """A fresh, untrained PEFT LoRA (seeded init) on a float32 copy of the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -290,10 +302,7 @@ def fine_tune(cfg: BuildConfig, base_dir: Path, examples: list, *, rank: int, al
     torch.manual_seed(seed)
     lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                       layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lcfg)
-    train(peft_model, examples, steps, lr, cfg.ft_batch_size, seed, model.config.pad_token_id,
-          what=what)
-    return peft_model
+    return get_peft_model(model, lcfg)
 
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,9 +22,13 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def optimise(model: Any, batches: Iterable[Batch], lr_at: Callable[[int], float], *,
              weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
              loss_fn: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-             | None = None, what: str = "", log_every: int = 100) -> list[float]:
+             | None = None, what: str = "", log_every: int = 100,
+             on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train the parameters of `model` that require grad on `batches`; returns the per-step
-    losses. The model is left in eval mode."""
+    losses. The model is left in eval mode.
+
+    `on_step(step, loss)` runs after each optimiser step, with the model in eval mode (back in
+    train mode afterwards): checkpointing and measuring during a run (saediff.experiments)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=weight_decay, betas=betas)
     losses: list[float] = []
@@ -44,6 +48,10 @@ def optimise(model: Any, batches: Iterable[Batch], lr_at: Callable[[int], float]
             losses.append(loss.item())
             if step % log_every == 0:
                 log.info("%s step %d loss %.3f", what, step + 1, losses[-1])
+            if on_step is not None:
+                model.eval()
+                on_step(step, losses[-1])
+                model.train()
     finally:
         model.eval()
     return losses
