@@ -95,22 +95,30 @@ class CacheConfig:
 
 @contextlib.contextmanager
 def _writer_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on OUT.lock, removed again when the command ends (success or not)."""
     lock_path = Path(str(out) + ".lock")
-    fh = lock_path.open("a+")
-    try:
+    while True:
+        fh = lock_path.open("a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise SaediffError(f"another writer is already writing {out} (pid {holder}); "
                                "wait for it or stop it first") from None
+        # a writer that just finished unlinks the file it held: lock the one on disk
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino:
+            break
+        fh.close()
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
         yield
     finally:
+        lock_path.unlink(missing_ok=True)  # still held: no one else can be inside
         fh.close()  # closing releases the flock
 
 
@@ -254,7 +262,7 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
             raise CacheWriteError(f"cannot write {part}: {exc}; free space and rerun to resume "
                                   "(the committed prefix is kept)") from exc
         os.replace(part, out)
-    log.info("wrote %s", out)
+    log.debug("wrote %s", out)
     return out
 
 
@@ -315,6 +323,9 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
     bar.close()
     if rows == 0:
         raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
+    if exhausted and rows < cfg.max_tokens:
+        log.warning("dataset %s ran out after %d of --max-tokens %d tokens (%d sequences): the "
+                    "cache holds all of it", cfg.dataset, rows, cfg.max_tokens, seqs)
     try:
         prog[P_COMPLETE] = 1
         f.flush()

@@ -151,11 +151,15 @@ def run_steer(cfg: SteerConfig, lm: Any = None, sae: Any = None) -> dict[str, An
     if cfg.out:
         check_writable_dir(cfg.out)  # before any model runs
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
-    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     if sae is None and cfg.sae:
         from saediff.sae import load_sae
 
         sae = load_sae(cfg.sae, cfg.device)
+    if sae is not None and cfg.latent:
+        from saediff.steer.hooks import check_latents
+
+        check_latents(sae, cfg.latent)  # before the model loads, before any generation
+    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
     context = None
     if mode is not None:
