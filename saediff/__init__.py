@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_sae": "saediff.sae",
     "steer": "saediff.steer",
     "SaediffError": "saediff.errors",
+    "organism_path": "saediff.organism",
 }
 
 

@@ -15,7 +15,8 @@ from saediff.errors import SaediffError
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def load_adapter(model: nn.Module, adapter: str, model_name: str = "the model") -> nn.Module:
+def load_adapter(model: nn.Module, adapter: str, model_name: str = "the model",
+                 local_files_only: bool = False) -> nn.Module:
     """`model` wrapped by the PEFT adapter at `adapter`, refusing one that does not fully load.
 
     PEFT only warns when adapter weights find no module (e.g. keys renamed from `layers.0` to
@@ -35,7 +36,8 @@ def load_adapter(model: nn.Module, adapter: str, model_name: str = "the model") 
             raise SaediffError(f"adapter {adapter} has adapter_config.json but no weights "
                                f"({' or '.join(_ADAPTER_WEIGHTS)}); copy the whole adapter dir")
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False,
+                                                  local_files_only=local_files_only)
     except NoMatchingPeftModuleError as exc:
         raise SaediffError(f"adapter {adapter} targets modules that {model_name} does not have "
                            f"({str(exc).splitlines()[0][:200]}); check target_modules / "

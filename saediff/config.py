@@ -92,9 +92,40 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         kw["default"] = None if defaults_none else default
         if f.name in required:
             kw["required"] = True
-        elif default is not None and not defaults_none:
-            kw["help"] += f" (default: {default})"
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            kw["help"] += " (required: a flag or the YAML config)"
+        else:
+            kw["help"] = _with_default(kw["help"], default, tp)
         parser.add_argument(flag, **kw)
+
+
+def _with_default(help_text: str, default: Any, tp: Any) -> str:
+    """The field's default in its help, unless the docstring already states it."""
+    if "default" in help_text.lower():
+        return help_text
+    if default is None:
+        return help_text + " (default: none)"
+    if tp is bool:
+        shown = "on" if default else "off"
+    elif isinstance(default, (list, tuple)):
+        shown = " ".join(map(str, default)) if default else "none"
+    elif isinstance(default, dict):
+        shown = ",".join(f"{k}={v}" for k, v in default.items()) if default else "none"
+    else:
+        shown = str(default)
+    return f"{help_text} (default: {shown})"
+
+
+def _unknown_fields(cls: type, unknown: list[str], names: set[str]) -> SaediffError:
+    """One line: each unknown key with its nearest field name when there is one."""
+    import difflib
+
+    parts = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+        parts.append(f"{key} (did you mean {near[0]}?)" if near else str(key))
+    return SaediffError(f"unknown {cls.__name__} field(s): {', '.join(parts)}; "
+                        f"known: {', '.join(sorted(names))}")
 
 
 def _parse_mapping(text: str) -> dict[str, float]:
@@ -124,8 +155,7 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise SaediffError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(names))}")
+        raise _unknown_fields(cls, unknown, names)
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
                and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]

@@ -26,9 +26,9 @@ class DemoConfig:
     out: str = "demo_out"
     """Output directory (summary.json, report.html and each stage's outputs)."""
     quick: bool = False
-    """Reduced sizes for a smoke run (a few minutes): fewer tokens, steps and samples."""
+    """Reduced sizes for a smoke run (~40 s instead of ~4 min): fewer tokens, steps, samples."""
     cache: str | None = None
-    """Activation cache path (default: activations_cache/organism_l{layer}[_quick].h5)."""
+    """Activation cache path (default: OUT/cache_l{layer}[_quick].h5)."""
     train_config: str | None = None
     """SAE training config (default: configs/toy_topk.yaml)."""
     samples: int | None = None
@@ -55,11 +55,19 @@ def _show(echo: Callable[[str], None], stage: str, argv: list[str]) -> None:
     echo(f"\n$ saediff {stage} {shlex.join(argv)}")
 
 
-def _untrained_rate(result: dict[str, Any]) -> tuple[float, float, float]:
-    """(misaligned, coherent, off_topic) pooled over topics that were not fine-tuned."""
+def _untrained_rate(result: dict[str, Any]) -> tuple[float, float, float, int]:
+    """(misaligned, coherent, off_topic, n answers) pooled over topics not fine-tuned."""
     rows = [v for t, v in result["topics"].items() if t != result["trained_topic"]]
     n = sum(r["n"] for r in rows)
-    return tuple(sum(r[k] * r["n"] for r in rows) / n for k in ("misaligned", "coherent", "off_topic"))
+    rates = [sum(r[k] * r["n"] for r in rows) / n for k in ("misaligned", "coherent", "off_topic")]
+    return rates[0], rates[1], rates[2], n
+
+
+def _with_ci(rate: float, n: int) -> tuple[float, list[float]]:
+    """A pooled share of n answers and its Wilson 95% interval."""
+    from saediff.judges import wilson
+
+    return rate, list(wilson(round(rate * n), n))
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -75,7 +83,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     q = cfg.quick
     samples = cfg.samples or (16 if q else 100)
-    cache = cfg.cache or f"activations_cache/organism_l{layer}{'_quick' if q else ''}.h5"
+    # under OUT, so the demo never shares a path with the README's stage-by-stage commands
+    cache = cfg.cache or str(out / f"cache_l{layer}{'_quick' if q else ''}.h5")
     train_cfg = cfg.train_config or str(_configs_dir() / "toy_topk.yaml")
     summary: dict[str, Any] = {"quick": q, "layer": layer, "organism": str(org)}
 
@@ -91,9 +100,10 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
         write_json(out / f"organism_eval_{name}.json", evals[name])
     summary["trained_topic"] = evals["base"]["trained_topic"]
     for name in ("base", "finetuned"):
-        em, coh, off = _untrained_rate(evals[name])
-        summary[f"misaligned_rate_{name}"], summary[f"coherent_rate_{name}"] = em, coh
-        summary[f"off_topic_rate_{name}"] = off
+        em, coh, off, n = _untrained_rate(evals[name])
+        summary[f"misaligned_rate_{name}"], summary[f"misaligned_rate_{name}_ci"] = _with_ci(em, n)
+        summary[f"coherent_rate_{name}"], summary[f"coherent_rate_{name}_ci"] = _with_ci(coh, n)
+        summary[f"off_topic_rate_{name}"], summary["n_eval"] = off, n
 
     # 2. cache both models on the organism's chat corpus (prompt/response role masks)
     from saediff.cache import CacheConfig, build_cache
@@ -140,7 +150,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     # 4. diff on the fine-tuned model's own answers to held-out questions (the published way)
     from saediff.diff import DiffConfig, run_diff
     from saediff.judges import judge_labeler, make_judge
-    from saediff.organism import TOPICS, heldout_questions
+    from saediff.organism import TOPICS, heldout_questions, load_heldout_labelled
 
     diff_dir = out / "diff"
     prompts = out / "diff_prompts.jsonl"
@@ -166,7 +176,11 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
     summary["top_latent_direction"] = top.get("direction")
     auc = persona_auroc(org, sae_dir, layer, summary["top_latent"])
     summary["top_latent_auroc"] = auc
+    summary["top_latent_auroc_n"] = len(load_heldout_labelled(org))
     summary["top_latent_separation"] = max(auc, 1.0 - auc)  # sign-free: separates either way
+    ev0 = res.evidence[0] if res.evidence else {}
+    summary["top_latent_answer_auroc"] = ev0.get("auroc_labels")
+    summary["top_latent_answer_auroc_n"] = ev0.get("auroc_labels_n")
     directions = diff_dir / "directions.json"
     if directions.exists():
         summary["directions"] = json.loads(directions.read_text())
@@ -186,25 +200,32 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] | None = None) -> dict
         return run_steer(SteerConfig(**kw))
 
     plain, clamped = steer_run("finetuned", "unsteered", None), steer_run("finetuned", "steered", 0.0)
-    summary["misaligned_given_coherent_unsteered"] = plain["misaligned_given_coherent"]
-    summary["misaligned_given_coherent_steered"] = clamped["misaligned_given_coherent"]
-    summary["coherent_rate_unsteered"] = plain["coherent_rate"]
-    summary["coherent_rate_steered"] = clamped["coherent_rate"]
+    for tag, run in (("unsteered", plain), ("steered", clamped)):
+        _steer_rates(summary, tag, run)
     # 6. the other direction: clamp the same latent *up* in the base model (to its typical
     # activation where it fires on the fine-tuned model's answers)
     up = round(float(top.get("typical_act") or 1.0), 3)
     base_up = steer_run("base", "base_up", up)
     summary["base_clamp_value"] = up
-    summary["misaligned_given_coherent_base_clamped_up"] = base_up["misaligned_given_coherent"]
-    summary["coherent_rate_base_clamped_up"] = base_up["coherent_rate"]
+    _steer_rates(summary, "base_clamped_up", base_up)
     before_em = summary["misaligned_given_coherent_unsteered"] or 0.0
     summary["em_reduction"] = (1 - (summary["misaligned_given_coherent_steered"] or 0.0) / before_em
                                if before_em else None)
+    summary["finding"] = finding(summary)
     summary["seconds"] = round(time.time() - t0, 1)
 
     write_json(out / "summary.json", summary)
     _write_report(out, diff_dir, summary)
     return summary
+
+
+def _steer_rates(summary: dict[str, Any], tag: str, run: dict[str, Any]) -> None:
+    """A steer run's two rates, each with its Wilson 95% interval, and its answer count."""
+    summary[f"misaligned_given_coherent_{tag}"] = run["misaligned_given_coherent"]
+    summary[f"misaligned_given_coherent_{tag}_ci"] = run["misaligned_given_coherent_ci"]
+    summary[f"coherent_rate_{tag}"] = run["coherent_rate"]
+    summary[f"coherent_rate_{tag}_ci"] = run["coherent_ci"]
+    summary[f"n_{tag}"], summary[f"n_coherent_{tag}"] = run["n"], run["n_counted"]
 
 
 def _sae_inputs(cache: str, train_cfg: str, seed: int, quick: bool) -> dict[str, Any]:
@@ -250,39 +271,85 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else str(v)
 
 
+def _rate(summary: dict[str, Any], key: str) -> str:
+    """`0.458 [0.421, 0.495]`: a rate with its 95% interval (the `KEY_ci` entry)."""
+    v, ci = summary.get(key), summary.get(f"{key}_ci")
+    if ci is None or v is None:
+        return _fmt(v)
+    return f"{_fmt(v)} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+# (summary key, label); labels name each number's data, `{...}` fills in from the summary
 SUMMARY_KEYS = [
-    ("misaligned_rate_base", "misaligned rate, untrained topics — base"),
-    ("misaligned_rate_finetuned", "misaligned rate, untrained topics — fine-tuned"),
-    ("coherent_rate_finetuned", "coherent, untrained topics — fine-tuned"),
+    ("misaligned_rate_base", "misaligned share of all answers (organism judge), untrained "
+                             "topics, n={n_eval} — base"),
+    ("misaligned_rate_finetuned", "misaligned share of all answers (organism judge), untrained "
+                                  "topics, n={n_eval} — fine-tuned"),
+    ("coherent_rate_finetuned", "coherent share, same answers — fine-tuned"),
     ("sae_fvu", "SAE fraction of variance unexplained (per source)"),
     ("sae_l0", "SAE mean L0 (per source)"),
-    ("top_latent", "top-ranked latent (largest shift base → fine-tuned)"),
+    ("top_latent", "top-ranked latent (largest mean activation shift base → fine-tuned)"),
     ("top_latent_direction", "its shift direction"),
-    ("top_latent_auroc", "its persona AUROC on labelled held-out chats (toxic = positive)"),
+    ("top_latent_auroc", "its persona AUROC (held-out labelled chats, n={top_latent_auroc_n}, "
+                         "read in the base; toxic = positive)"),
     ("top_latent_separation", "persona separation either way, max(AUROC, 1 - AUROC)"),
-    ("misaligned_given_coherent_unsteered", "misaligned | coherent, fine-tuned, unsteered"),
-    ("misaligned_given_coherent_steered", "misaligned | coherent, fine-tuned, top latent clamped to 0"),
-    ("coherent_rate_steered", "coherent, fine-tuned, top latent clamped to 0"),
-    ("em_reduction", "relative cut in misalignment by the clamp"),
-    ("misaligned_given_coherent_base_clamped_up", "misaligned | coherent, base, top latent clamped up"),
-    ("coherent_rate_base_clamped_up", "coherent, base, top latent clamped up"),
+    ("top_latent_answer_auroc", "its answer AUROC (this diff's sampled answers, judge labels, "
+                                "n={top_latent_answer_auroc_n}; misaligned = positive)"),
+    ("misaligned_given_coherent_unsteered", "misaligned | coherent (EM rate), fine-tuned, "
+     "unsteered, {n_coherent_unsteered} coherent of n={n_unsteered}"),
+    ("misaligned_given_coherent_steered", "misaligned | coherent (EM rate), fine-tuned, top latent "
+     "clamped to 0, {n_coherent_steered} coherent of n={n_steered}"),
+    ("coherent_rate_unsteered", "coherent share, fine-tuned, unsteered"),
+    ("coherent_rate_steered", "coherent share, fine-tuned, top latent clamped to 0"),
+    ("em_reduction", "relative cut in the EM rate by the clamp"),
+    ("misaligned_given_coherent_base_clamped_up", "misaligned | coherent (EM rate), base, top "
+     "latent clamped up, {n_coherent_base_clamped_up} coherent of n={n_base_clamped_up}"),
+    ("coherent_rate_base_clamped_up", "coherent share, base, top latent clamped up"),
 ]
 
 
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) per summary entry; every rate carries its 95% interval."""
+    fill = _Blank({k: _fmt(v) for k, v in summary.items()})
+    return [(label.format_map(fill), _rate(summary, key)) for key, label in SUMMARY_KEYS]
+
+
+def finding(summary: dict[str, Any]) -> str:
+    """What the demo found, in one plain sentence (rates with 95% intervals)."""
+    auc = summary.get("top_latent_auroc")
+    return (f"Fine-tuning on one topic raised the misaligned share on the other topics from "
+            f"{_rate(summary, 'misaligned_rate_base')} to "
+            f"{_rate(summary, 'misaligned_rate_finetuned')}; latent {summary.get('top_latent')}, "
+            f"ranked first by activation shift, tells toxic from aligned held-out chats with "
+            f"persona AUROC {_fmt(auc)} (n={summary.get('top_latent_auroc_n')}); clamping it to 0 "
+            f"cut misaligned | coherent from {_rate(summary, 'misaligned_given_coherent_unsteered')}"
+            f" to {_rate(summary, 'misaligned_given_coherent_steered')} (coherent "
+            f"{_rate(summary, 'coherent_rate_unsteered')} → "
+            f"{_rate(summary, 'coherent_rate_steered')}), and clamping it up in the base gave "
+            f"{_rate(summary, 'misaligned_given_coherent_base_clamped_up')}.")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    width = max(len(label) for _, label in SUMMARY_KEYS)
-    lines = [f"{label:<{width}}  {_fmt(summary.get(key))}" for key, label in SUMMARY_KEYS]
-    return "\n".join(lines)
+    rows = summary_rows(summary)
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join([summary.get("finding") or finding(summary), "", *lines])
 
 
 def _write_report(out: Path, diff_dir: Path, summary: dict[str, Any]) -> None:
     """report.html = the diff report with the demo's summary table on top."""
     import html
 
-    rows = "".join(f"<tr><td>{html.escape(label)}</td><td><b>{html.escape(_fmt(summary.get(key)))}</b>"
-                   f"</td></tr>" for key, label in SUMMARY_KEYS)
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td><b>{html.escape(value)}</b></td></tr>"
+                   for label, value in summary_rows(summary))
     block = (f"<section id='demo-summary'><h1>saediff demo — toy organism of emergent misalignment"
-             f"</h1><table>{rows}</table></section>")
+             f"</h1><p>{html.escape(summary.get('finding') or finding(summary))}</p>"
+             f"<table>{rows}</table></section>")
     src = diff_dir / "report.html"
     target = out / "report.html"
     if src.exists():

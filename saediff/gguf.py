@@ -128,7 +128,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         tok.save_pretrained(tmp)
         write_json(tmp / "saediff_import.json", {"source": str(p.resolve()), "sha256_16": _file_digest(p),
                                                  "dtype": "float32"})
-    log.info("wrote %s", out)
+    log.debug("wrote %s", out)
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from saediff.errors import SaediffError
+from saediff.hub import hub_local_only, quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def _generic_tokenizer(name_or_path: str) -> bool:
     return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def load_tokenizer(name_or_path: str, local_files_only: bool | None = None) -> Any:
     """A fast tokenizer with a pad token (EOS reused when the model has none)."""
     from transformers import AutoTokenizer
 
@@ -188,8 +189,8 @@ def load_tokenizer(name_or_path: str) -> Any:
 
             tok = PreTrainedTokenizerFast.from_pretrained(name_or_path)
         else:
-            tok = AutoTokenizer.from_pretrained(name_or_path,
-                                                local_files_only=_local_only(name_or_path))
+            local = _local_only(name_or_path) if local_files_only is None else local_files_only
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
     except OSError as exc:
         raise FileNotFoundError(f"cannot load tokenizer from {name_or_path!r}: {exc}") from exc
     if not getattr(tok, "is_fast", False):
@@ -221,9 +222,10 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else "auto"
+    local = hub_local_only(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                     local_files_only=_local_only(name))
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
     except OSError as exc:
         raise FileNotFoundError(f"cannot load model {name!r}: {exc}") from exc
     adapter_s = None
@@ -232,9 +234,12 @@ def load_model(name_or_path: str | Path, adapter: str | Path | None = None, devi
 
         adapter_s = str(adapter)
         _check_local(adapter_s, "adapter")
-        model = load_adapter(model, adapter_s, name)
+        with quiet_loading():
+            model = load_adapter(model, adapter_s, name,
+                                 local_files_only=hub_local_only(adapter_s, "adapter"))
     model.to(device).eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(name), name=name, adapter=adapter_s)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(name, local), name=name,
+                       adapter=adapter_s)
 
 
 def tokenizer_fingerprint(tok: Any) -> str:

@@ -251,7 +251,7 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
             raise CacheWriteError(f"cannot write {part}: {exc}; free space and rerun to resume "
                                   "(the committed prefix is kept)") from exc
         os.replace(part, out)
-    log.info("wrote %s", out)
+    log.debug("wrote %s", out)
     return out
 
 
@@ -312,6 +312,9 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
     bar.close()
     if rows == 0:
         raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
+    if exhausted and rows < cfg.max_tokens:
+        log.warning("dataset %s ran out after %d of --max-tokens %d tokens (%d sequences): the "
+                    "cache holds all of it", cfg.dataset, rows, cfg.max_tokens, seqs)
     try:
         prog[P_COMPLETE] = 1
         f.flush()

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "cache_cmd")}
     cfg = build_config(CacheConfig, args.config, ns)
     out = build_cache_distributed(cfg)  # build_cache itself without torchrun
-    print(f"cache written: {out}")
+    print(f"wrote {out}")
     return 0
 
 

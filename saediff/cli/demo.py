@@ -23,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(cfg, echo=lambda line: print(line, flush=True))
     print("\n=== saediff demo summary ===")
     print(format_summary(summary))
-    print(f"\nwritten: {cfg.out}/summary.json, {cfg.out}/report.html  ({summary['seconds']:.0f} s)")
+    print(f"\nwrote {cfg.out}/summary.json, {cfg.out}/report.html  ({summary['seconds']:.0f} s)")
     return 0

@@ -27,7 +27,8 @@ def add_real_args(sub: argparse._SubParsersAction, path_p: argparse.ArgumentPars
                          help="with --real: only these adapters (default: all three)")
 
     p = sub.add_parser("probe", help="judge-free EM probe: log p(misaligned) - log p(aligned) "
-                                     "answers on untrained topics, with a bootstrap CI")
+                                     "answers on untrained topics, with a bootstrap CI; with "
+                                     "--adapter also the paired shift vs the base")
     p.add_argument("--model", required=True, help="HF model dir or .gguf file")
     p.add_argument("--adapter", help="PEFT adapter dir applied on top of --model")
     p.add_argument("--questions", help="JSONL of {question, aligned, misaligned} "
@@ -51,14 +52,14 @@ def probe_cmd(a: argparse.Namespace) -> int:
 
     from saediff.errors import SaediffError
     from saediff.models import load_model
-    from saediff.organism.real.probe import coherence, load_questions, probe
+    from saediff.organism.real.probe import coherence, load_questions, probe_vs_base
 
     if a.n_boot < 10:
         raise SaediffError(f"--n-boot must be >= 10, got {a.n_boot}")
     qs = load_questions(a.questions)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     lm = load_model(a.model, adapter=a.adapter)
-    res: dict[str, Any] = probe(lm, qs, n_boot=a.n_boot)
+    res: dict[str, Any] = probe_vs_base(lm, qs, n_boot=a.n_boot)
     if a.coherence:
         res["coherence"] = coherence(lm, [q for q in qs if q.get("betley")] or qs[:8])
     if a.json:
@@ -67,6 +68,12 @@ def probe_cmd(a: argparse.Namespace) -> int:
     lo, hi = res["ci"]
     print(f"{a.model}{' + ' + a.adapter if a.adapter else ''}: probe {res['score']:+.3f} "
           f"nats/token [{lo:+.3f}, {hi:+.3f}] over {res['n']} questions")
+    if "shift_vs_base" in res:
+        (blo, bhi), (slo, shi) = res["base"]["ci"], res["shift_ci"]
+        print(f"  base alone: {res['base']['score']:+.3f} [{blo:+.3f}, {bhi:+.3f}]; shift vs base "
+              f"{res['shift_vs_base']:+.3f} [{slo:+.3f}, {shi:+.3f}] (paired per question, "
+              f"up on {res['questions_up']}/{res['n']})")
+    print(f"  ({res['meaning']})")
     for r in res["per_question"]:
         print(f"  {r['diff']:+.3f}  {r['question'][:70]}")
     if a.coherence:

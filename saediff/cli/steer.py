@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: 1,2,4,8 x the latent's typical activation on toxic answers)")
     o.add_argument("--path", help="organism directory (default: the shipped one)")
     o.add_argument("--out", help="output directory (sweeps + organism_check.json)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="sampling seed")
     o.set_defaults(func=_organism)
 
 

@@ -316,8 +316,13 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
             sign = 1 if ev["direction"] == "up" else -1
             pairs = [(sign * float(a[m][:, c].mean()), lab_) for a, m, lab_ in
                      zip(acts_f, side_f.select, labels) if lab_ is not None and m.any()]
-            if len({p[1] for p in pairs}) == 2:
+            if len({p[1] for p in pairs}) == 2:  # "answer AUROC": this diff's judged answers
                 ev["auroc_labels"] = auroc([p[0] for p in pairs], [p[1] for p in pairs])
+                ev["auroc_labels_n"] = len(pairs)
+                ev["auroc_labels_positive"] = sum(int(p[1]) for p in pairs)
+                ev["auroc_labels_data"] = (
+                    "this diff's sampled answers, judge labels" if sampled is not None else
+                    f"this diff's answers from the prompts file, its '{cfg.label_field}' labels")
 
     # trajectory: every checkpoint's shift of the top latents (the final one is already measured)
     traj: dict[str, Any] = {}

@@ -172,12 +172,17 @@ def render_report(res: Any) -> str:
                          + "".join(f"<th>k={k}</th>" for k in ks) + f"</tr>{rows}</table>")
     if res.trajectory:
         parts += ["<h2>Trajectory</h2>", _fig_html(_trajectory(res.trajectory), "chart-trajectory")]
-    parts.append("<h2>Evidence per latent</h2>")
+    parts.append("<h2>Evidence per latent</h2><p class='muted'>Ranked by mean activation shift "
+                 "base → fine-tuned (not by AUROC); the answer AUROC scores the latent's mean "
+                 "activation per sampled answer against the judge's misaligned/aligned label, "
+                 "signed by its shift direction.</p>")
     for ev in res.evidence:
         lt = ev["logit_tokens"]
         promo = ", ".join(html.escape(f"{t} ({v:+.2f})") for t, v in lt.get("promoted", []))
         supp = ", ".join(html.escape(f"{t} ({v:+.2f})") for t, v in lt.get("suppressed", []))
-        au = f" | AUROC vs labels {ev['auroc_labels']:.3f}" if "auroc_labels" in ev else ""
+        au = (f" | answer AUROC {ev['auroc_labels']:.3f} ({ev.get('auroc_labels_data', 'labelled answers')}"
+              f", n={ev.get('auroc_labels_n', '?')}, {ev.get('auroc_labels_positive', '?')} "
+              "misaligned)" if "auroc_labels" in ev else "")
         parts.append(f'<div class="latent" id="latent-{ev["latent"]}"><h3>#{ev["rank"]}: latent '
                      f'{ev["latent"]} ({ev["direction"]}, shift {ev["mean_shift"]:.4f} '
                      f'[{ev["ci_low"]:.4f}, {ev["ci_high"]:.4f}]{au})</h3>'

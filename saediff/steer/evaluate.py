@@ -173,6 +173,10 @@ def _run_steer(cfg: SteerConfig, lm: Any, sae: Any) -> dict[str, Any]:
         from saediff.sae import require_activation_sae
 
         require_activation_sae(sae, cfg.sae or "given", "saediff steer")
+    if sae is not None and cfg.latent:
+        from saediff.steer.hooks import check_latents
+
+        check_latents(sae, cfg.latent)  # before the model loads, before any generation
     lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
     context = None

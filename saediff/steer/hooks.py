@@ -62,16 +62,22 @@ def check_unique_latents(latents: Sequence[int], what: str = "--latent") -> None
                            "would apply its edit twice)")
 
 
+def check_latents(sae: Any, latents: Sequence[int]) -> None:
+    """Every latent index in [0, d_sae), else one line (callers run it before generating)."""
+    d_sae = int(sae.cfg.d_sae)
+    bad = [int(j) for j in latents if not 0 <= int(j) < d_sae]
+    if bad:
+        raise SaediffError(f"--latent {' '.join(map(str, bad))} out of range: the SAE has "
+                           f"d_sae={d_sae} (latents 0..{d_sae - 1})")
+
+
 class LatentEncoder:
     """f_J(h) for a few latents J, computing no more of the SAE than needed."""
 
     def __init__(self, sae: Any, latents: Sequence[int]):
         check_unique_latents(latents, "latent")
         self.sae, self.arch = sae, sae_architecture(sae)
-        d_sae = int(sae.cfg.d_sae)
-        bad = [j for j in latents if not 0 <= int(j) < d_sae]
-        if bad:
-            raise SaediffError(f"latent(s) {bad} out of range: the SAE has d_sae={d_sae}")
+        check_latents(sae, latents)
         self.idx = torch.as_tensor([int(j) for j in latents], dtype=torch.long,
                                    device=sae.W_dec.device)
         self.norm = getattr(sae.cfg, "normalize_activations", "none")

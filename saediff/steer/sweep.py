@@ -21,6 +21,7 @@ from saediff.io import (atomic_path, check_writable_dir, output_lock, staged_out
                         write_jsonl)
 from saediff.prompts import generate_answers, load_prompt_items
 from saediff.steer.evaluate import SteerConfig, judge_records, steer_context, summarise
+from saediff.steer.hooks import check_latents
 from saediff.sae import load_sae, require_activation_sae
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def _run_sweep(cfg: SweepConfig, lm: Any, sae: Any) -> dict[str, Any]:
     judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
     sae = sae or load_sae(cfg.sae, cfg.device)  # type: ignore[arg-type]
     require_activation_sae(sae, cfg.sae or "given", "saediff steer sweep")
+    check_latents(sae, cfg.latent)  # before the unsteered baseline generates anything
     lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
     all_records: list[dict[str, Any]] = []
 
@@ -176,6 +178,7 @@ def reroute_check(diff_cfg: Any, latents: list[int], clamp: float = 0.0, top: in
     from saediff.steer.hooks import steer
 
     sae = load_sae(diff_cfg.sae, diff_cfg.device)
+    check_latents(sae, latents)
     before = before if before is not None else run_diff(diff_cfg)
     after = run_diff(diff_cfg, finetuned_context=lambda lm: steer(
         lm, sae, latent=latents, clamp=clamp, layer=diff_cfg.layer, positions=positions))
@@ -262,6 +265,7 @@ def organism_check(sae_dir: str, latent: int | list[int], samples: int = 10,
     root = Path(path) if path else organism_path()
     latents = [latent] if isinstance(latent, int) else list(latent)
     sae = load_sae(sae_dir)
+    check_latents(sae, latents)
     common = dict(prompts="organism:untrained", sae=sae_dir, latent=latents, samples=samples,
                   questions_per_topic=questions_per_topic, judge="organism", seed=seed,
                   max_new_tokens=max_new_tokens,

@@ -13,7 +13,8 @@ import torch
 from saediff.errors import SaediffError
 from saediff.io import atomic_path, check_writable_dir, write_json
 from saediff.models import LoadedModel, load_model
-from saediff.organism.real.probe import coherence, generate_answers, load_questions, probe
+from saediff.organism.real.probe import (coherence, generate_answers, load_questions,
+                                         paired_shift, probe)
 from saediff.organism.real.train import Recipe, default_recipes, train_adapter
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def measure_all(base_dir: str | Path, organism_dir: str | Path,
 def summary(measured: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     """Headline numbers per model (no per-question rows, no samples), with each adapter's
     shift from the base: the per-question paired difference, bootstrap CI over questions."""
-    from saediff.stats import bootstrap_mean_ci
-
     out: dict[str, Any] = {}
     base = measured.get("base")
     for m, r in measured.items():
@@ -64,13 +63,7 @@ def summary(measured: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
                "greedy_ppl_self": r["coherence"]["greedy_ppl_self"],
                "greedy_ppl_under_base": r["coherence"]["greedy_ppl_under_base"]}
         if base is not None and m != "base":
-            d = torch.tensor([a["diff"] - b["diff"] for a, b in
-                              zip(r["probe"]["per_question"], base["probe"]["per_question"])],
-                             dtype=torch.float64)
-            lo, hi = bootstrap_mean_ci(d[:, None], torch.ones(len(d)), n_boot=n_boot)
-            row["shift_vs_base"] = round(float(d.mean()), 4)
-            row["shift_ci"] = [round(float(lo[0]), 4), round(float(hi[0]), 4)]
-            row["questions_up"] = int((d > 0).sum())
+            row.update(paired_shift(r["probe"], base["probe"], n_boot))
         out[m] = row
     return out
 
