@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dead-frac", type=float, default=0.0,
                    help="share of latents marked dead in both trainers (aux loss on)")
     p.add_argument("--skip-dp", action="store_true", help="skip the 2-rank / 1-rank part")
+    p.add_argument("--no-cpu", action="store_true", help="with CUDA: GPU figures only")
     p.add_argument("--rows", type=int, default=None, help="activation rows (default 4096 CPU, "
                    "8192 with CUDA)")
     p.add_argument("--cpu-dtypes", nargs="+", default=["float32"],
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cpu": {}, "cuda": {}}
     print(f"activations: {what}, {len(x)} rows x {x.shape[1]}, mean norm {REAL_NORM:.1f} "
           f"({res['capture_s']:.0f} s)")
-    plan = [("cpu", B, a.steps + 1) for B in a.cpu_batches] + \
+    plan = [("cpu", B, a.steps + 1) for B in a.cpu_batches if not (cuda and a.no_cpu)] + \
         ([("cuda", B, 11) for B in (1024, 4096)] if cuda else [])
     with tempfile.TemporaryDirectory() as tmp:
         for device, B, n in plan:
