@@ -27,7 +27,7 @@ from saediff.cache.writer import CacheConfig, build_cache, iter_sequences, load_
 from saediff.models import pad_batch  # noqa: E402
 
 
-def build_qwen_like(out: Path, d_model: int, n_layers: int) -> Path:
+def build_qwen_like(out: Path, d_model: int, n_layers: int, dtype: str = "float32") -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = tiny.build_tokenizer(out)
@@ -35,8 +35,14 @@ def build_qwen_like(out: Path, d_model: int, n_layers: int) -> Path:
                       num_hidden_layers=n_layers, num_attention_heads=14 if d_model % 14 == 0 else 8,
                       num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    # saved in `dtype`: on a GPU `load_model` keeps the checkpoint's dtype (bf16 LM)
+    Qwen2ForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(out)
     return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -46,6 +52,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-bridge", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the random model's weights (GPU: the LM runs in it)")
+    ap.add_argument("--json", help="also write the report here")
     ap.add_argument("--model", help="a HF model dir, or 'smollm2' for the real SmolLM2-135M-Instruct "
                                     "(the [real] extra); default: random Qwen-shaped weights")
     args = ap.parse_args()
@@ -60,7 +70,7 @@ def main() -> None:
             model_dir = Path(args.model)
         args.layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     else:
-        model_dir = build_qwen_like(tmp / "model", args.d_model, args.layers)
+        model_dir = build_qwen_like(tmp / "model", args.d_model, args.layers, args.dtype)
     data = tmp / "docs.txt"
     words = tiny.WORDS
     g = torch.Generator().manual_seed(0)
@@ -72,7 +82,8 @@ def main() -> None:
 
     def cfg(layer: int, name: str) -> CacheConfig:
         return CacheConfig(base=str(model_dir), layer=layer, dataset=str(data), max_tokens=args.tokens,
-                           ctx_len=128, batch_size=8, out=str(tmp / f"{name}.h5"), overwrite=True)
+                           ctx_len=128, batch_size=8, out=str(tmp / f"{name}.h5"), overwrite=True,
+                           device=args.device)
 
     models = load_cache_models(cfg(0, "x"))
     lm = models["base"]
@@ -84,13 +95,16 @@ def main() -> None:
         n += len(ids)
         if n >= args.tokens:
             break
-    batches = [pad_batch(seqs[i:i + 8], lm.tokenizer.pad_token_id) for i in range(0, len(seqs), 8)]
+    batches = [tuple(t.to(args.device) for t in pad_batch(seqs[i:i + 8], lm.tokenizer.pad_token_id))
+               for i in range(0, len(seqs), 8)]
 
     def bare() -> float:
+        sync(args.device)
         t = time.perf_counter()
         with torch.no_grad():
             for ids, mask in batches:
                 lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        sync(args.device)
         return n / (time.perf_counter() - t)
 
     def cached(layer: int) -> float:
@@ -103,15 +117,18 @@ def main() -> None:
         try:
             from transformer_lens.model_bridge import TransformerBridge
 
-            bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu")
+            bridge = TransformerBridge.boot_transformers(str(model_dir), device=args.device,
+                                                         dtype=lm.model.dtype)
         except Exception as exc:  # report, don't fail the benchmark
             print(f"TransformerBridge unavailable: {type(exc).__name__}: {exc}")
 
     def bridged() -> float:
+        sync(args.device)
         t = time.perf_counter()
         with torch.no_grad():
             for ids, mask in batches:
                 bridge(ids, attention_mask=mask)
+        sync(args.device)
         return n / (time.perf_counter() - t)
 
     mid, last = args.layers // 2, args.layers - 1
@@ -124,13 +141,15 @@ def main() -> None:
             results.setdefault("bridge_forward", []).append(bridged())
     med = {k: statistics.median(v) for k, v in results.items()}
     name = str(model_dir) if args.model else f"qwen2-like d_model={args.d_model} layers={args.layers}"
-    report = {"model": name, "tokens": n,
+    report = {"model": name, "tokens": n, "device": args.device, "dtype": str(lm.model.dtype),
               "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
               f"ratio_cache_layer{mid}_vs_bare": round(med[f"cache_layer{mid}"] / med["bare_forward"], 3),
               f"ratio_cache_layer{last}_vs_bare": round(med[f"cache_layer{last}"] / med["bare_forward"], 3)}
     if "bridge_forward" in med:
         report["ratio_bridge_vs_hf_forward"] = round(med["bridge_forward"] / med["bare_forward"], 3)
     print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

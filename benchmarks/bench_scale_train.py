@@ -18,6 +18,7 @@ Usage: python benchmarks/bench_scale_train.py [--synthetic] [--steps N] [--json 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -73,7 +74,37 @@ def batches_of(x: torch.Tensor, B: int, n: int) -> list[torch.Tensor]:
     return [x[torch.randint(len(x), (B,), generator=g)] for _ in range(n)]
 
 
-def throughput(width: int, batches: list[torch.Tensor], device: str) -> dict:
+PHASES = ("encode", "topk", "decode", "backward", "aux", "stats", "clip", "optimizer")
+
+
+def breakdown(trainer, batches: list[torch.Tensor], device: str) -> dict[str, float]:
+    """ms per step of each labelled phase of FastSAETrainer's step (torch.profiler ranges
+    `saediff.*` in train/sparse.py and train/trainer.py), plus the unlabelled rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for b in batches:
+            trainer.step(b)
+        sync(device)
+    total = 1e3 * (time.perf_counter() - t) / len(batches)
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith("saediff.") and ev.key[8:] in PHASES:
+            us = ev.device_time_total if device.startswith("cuda") else ev.cpu_time_total
+            out[ev.key[8:]] = out.get(ev.key[8:], 0.0) + us / 1e3 / len(batches)
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["step"] = total
+    return out
+
+
+def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: float = 0.0,
+               profile_steps: int = 2, dtype: str = "float32") -> dict:
+    """saediff, SAELens SAETrainer and the encode-only ceiling on the same batches, timed in
+    turn; then a profiled breakdown of saediff's step. `dead_frac` marks that share of latents
+    dead in both trainers (the aux loss then runs, as in real runs: 31-40% dead)."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -84,14 +115,23 @@ def throughput(width: int, batches: list[torch.Tensor], device: str) -> dict:
 
     B, d = batches[0].shape
     dev_batches = [b.to(device) for b in batches]
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) \
+        if dtype == "bf16-autocast" else contextlib.nullcontext()
+
+    def mark_dead(trainer) -> None:
+        if dead_frac > 0:
+            trainer.n_forward_passes_since_fired[: int(dead_frac * width)] = 10 ** 9
 
     def run(trainer) -> float:
-        trainer.step(dev_batches[0])                       # warm-up
-        sync(device)
-        t = time.perf_counter()
-        for b in dev_batches[1:]:
-            trainer.step(b)
-        sync(device)
+        mark_dead(trainer)
+        with autocast:
+            trainer.step(dev_batches[0])                       # warm-up
+            sync(device)
+            t = time.perf_counter()
+            for b in dev_batches[1:]:
+                trainer.step(b)
+                mark_dead(trainer)
+            sync(device)
         return B * (len(dev_batches) - 1) / (time.perf_counter() - t)
 
     def sae():
@@ -101,24 +141,38 @@ def throughput(width: int, batches: list[torch.Tensor], device: str) -> dict:
     cfg = TrainConfig(d_sae=width, k=K, batch_size=B, total_tokens=B * 1000, lr=2e-4,
                       device=device)
     fast = FastSAETrainer(cfg, sae(), iter(dev_batches))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t_fast = run(fast)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     w, b = fast.sae.W_enc.detach(), fast.sae.b_enc.detach()
+    with autocast:
+        phases = breakdown(fast, dev_batches[1: 1 + profile_steps], device)
     del fast
     sl = SAETrainer(SAETrainerConfig(total_training_samples=B * 1000, train_batch_size_samples=B,
                                      lr=2e-4, lr_end=2e-5, device=device), sae(),
                     iter(dev_batches))
     t_sl = run(sl)
     del sl
-    encode_ceiling_step(w, b, dev_batches[0], K)
-    sync(device)
-    t = time.perf_counter()
-    for bb in dev_batches[1:]:
-        encode_ceiling_step(w, b, bb, K)
-    sync(device)
+    with autocast:
+        encode_ceiling_step(w, b, dev_batches[0], K)
+        sync(device)
+        t = time.perf_counter()
+        for bb in dev_batches[1:]:
+            encode_ceiling_step(w, b, bb, K)
+        sync(device)
     t_ceil = B * (len(dev_batches) - 1) / (time.perf_counter() - t)
-    return {"d_sae": width, "batch": B, "saediff_tok_s": t_fast, "saelens_tok_s": t_sl,
-            "ceiling_tok_s": t_ceil, "ratio_vs_saelens": t_fast / t_sl,
-            "ratio_vs_ceiling": t_fast / t_ceil}
+    return {"d_sae": width, "batch": B, "dead_frac": dead_frac, "dtype": dtype,
+            "saediff_tok_s": t_fast, "saelens_tok_s": t_sl, "ceiling_tok_s": t_ceil,
+            "ratio_vs_saelens": t_fast / t_sl, "ratio_vs_ceiling": t_fast / t_ceil,
+            "breakdown_ms": phases, "peak_gpu_gib": peak}
+
+
+def print_breakdown(r: dict, device: str) -> None:
+    ph = r["breakdown_ms"]
+    parts = "  ".join(f"{k} {ph[k]:.0f}" for k in (*PHASES, "other") if k in ph)
+    print(f"[{device}]   step breakdown, ms/step (profiled, {ph['step']:.0f} ms/step): {parts}",
+          flush=True)
 
 
 # --- data-parallel throughput (torchrun workers) ---------------------------------------------
@@ -201,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--synthetic", action="store_true", help="Gaussian rows, no model capture")
     p.add_argument("--steps", type=int, default=3, help="timed CPU steps per trainer")
+    p.add_argument("--cpu-batches", type=int, nargs="+", default=[1024],
+                   help="CPU batch sizes (default 1024; the issue's grid is 1024 4096)")
+    p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
+    p.add_argument("--dead-frac", type=float, default=0.0,
+                   help="share of latents marked dead in both trainers (aux loss on)")
+    p.add_argument("--skip-dp", action="store_true", help="skip the 2-rank / 1-rank part")
+    p.add_argument("--no-cpu", action="store_true", help="with CUDA: GPU figures only")
+    p.add_argument("--rows", type=int, default=None, help="activation rows (default 4096 CPU, "
+                   "8192 with CUDA)")
+    p.add_argument("--cpu-dtypes", nargs="+", default=["float32"],
+                   choices=["float32", "bf16-autocast"])
     p.add_argument("--json", help="write results here")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -210,27 +275,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    x, what = capture(8192 if cuda else 4096, a.synthetic)
+    x, what = capture(a.rows or (8192 if cuda else 4096), a.synthetic)
     REAL_NORM = float(x.norm(dim=-1).mean())
     res: dict = {"activations": what, "rows": len(x), "mean_norm": REAL_NORM,
                  "capture_s": time.perf_counter() - t0, "cpu_threads": torch.get_num_threads(),
                  "cpu": {}, "cuda": {}}
     print(f"activations: {what}, {len(x)} rows x {x.shape[1]}, mean norm {REAL_NORM:.1f} "
           f"({res['capture_s']:.0f} s)")
-    plan = [("cpu", 1024, a.steps + 1)] + ([("cuda", 4096, 11)] if cuda else [])
+    plan = [("cpu", B, a.steps + 1) for B in a.cpu_batches if not (cuda and a.no_cpu)] + \
+        ([("cuda", B, 11) for B in (1024, 4096)] if cuda else [])
     with tempfile.TemporaryDirectory() as tmp:
         for device, B, n in plan:
             batches = batches_of(x, B, n)
-            res[device]["topk"] = []
-            for width in WIDTHS:
-                r = throughput(width, batches, device)
-                res[device]["topk"].append(r)
-                print(f"[{device}] TopK d_sae {width} k {K} batch {B}: saediff "
-                      f"{r['saediff_tok_s']:.0f} tok/s / SAELens SAETrainer "
-                      f"{r['saelens_tok_s']:.0f} tok/s = {r['ratio_vs_saelens']:.2f}x; "
-                      f"/ encode-only ceiling {r['ceiling_tok_s']:.0f} tok/s = "
-                      f"{r['ratio_vs_ceiling']:.2f}", flush=True)
-            if device == "cuda" and torch.cuda.device_count() < 2:
+            res[device].setdefault("topk", [])
+            dtypes = ("float32", "bf16-autocast") if device == "cuda" else a.cpu_dtypes
+            for width in a.widths:
+                for dt in dtypes:
+                    r = throughput(width, batches, device, a.dead_frac, dtype=dt)
+                    res[device]["topk"].append(r)
+                    print(f"[{device}] TopK d_sae {width} k {K} batch {B} {dt} dead "
+                          f"{a.dead_frac:.2f}: saediff {r['saediff_tok_s']:.0f} tok/s / SAELens "
+                          f"SAETrainer {r['saelens_tok_s']:.0f} tok/s = "
+                          f"{r['ratio_vs_saelens']:.2f}x; / encode-only ceiling "
+                          f"{r['ceiling_tok_s']:.0f} tok/s = {r['ratio_vs_ceiling']:.2f}",
+                          flush=True)
+                    print_breakdown(r, device)
+            first = B == min(bb for dd, bb, _ in plan if dd == device)
+            if a.skip_dp or not first:
+                pass
+            elif device == "cuda" and torch.cuda.device_count() < 2:
                 print("[cuda] 2-rank / 1-rank: skipped (one GPU)")
             else:
                 r = data_parallel(x, WIDTHS[0], B, n + 1, device, Path(tmp))
@@ -238,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{device}] data-parallel d_sae {WIDTHS[0]} global batch {B}: 2 ranks "
                       f"{r['two_rank_tok_s']:.0f} tok/s / 1 rank {r['one_rank_tok_s']:.0f} "
                       f"tok/s = {r['ratio_2_vs_1']:.2f}", flush=True)
-            if device == "cuda":
+            if device == "cuda" and first:
                 r = pinned_ratio(x, B)
                 res[device]["transfer"] = r
                 print(f"[cuda] host->GPU batch copy: pinned {r['pinned_GB_s']:.1f} GB/s / "

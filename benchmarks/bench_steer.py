@@ -6,7 +6,9 @@ forward is therefore paired with an identical unsteered forward right next to it
 alternating): prefills of [batch, prompt_len] with a fresh KV cache, and single-token decode
 steps on two KV caches fed the same tokens. Reported: median times, and the median over pairs
 of the steered/unsteered tokens-per-second ratio, prefill and decode apart (target >= 0.95 for
-a single-latent clamp). Only the forward is timed: entering the context (slicing the SAE) is
+a single-latent clamp). A TopK clamp needs the full encoder (top-k membership), so it is also
+paired with its limit, a hook that computes the encoder and returns h unchanged
+(`encoder_limit_topk`; target >= 0.97). Only the forward is timed: entering the context (slicing the SAE) is
 a one-off cost per `with` block.
 
     python benchmarks/bench_steer.py                      # CPU, defaults
@@ -58,10 +60,12 @@ def timed(model, ctx, device: str, **kw) -> float:
 
 
 @torch.no_grad()
-def paired(model, make_ctx, ids, steps, repeats: int, device: str) -> dict[str, list[float]]:
-    """Interleaved pairs (unsteered, steered) of identical forwards, order alternating:
+def paired(model, make_ctx, ids, steps, repeats: int, device: str,
+           make_base=contextlib.nullcontext) -> dict[str, list[float]]:
+    """Interleaved pairs (base, steered) of identical forwards, order alternating:
     `repeats` prefills of `ids`, then per repeat one decode of len(steps) single-token
-    forwards on a KV cache (same tokens on both sides)."""
+    forwards on a KV cache (same tokens on both sides). The base is unsteered unless
+    `make_base` gives another context (the encoder limit)."""
     from transformers import DynamicCache
 
     out: dict[str, list[float]] = {"prefill": [], "decode": [], "prefill_base": [], "decode_base": []}
@@ -69,7 +73,7 @@ def paired(model, make_ctx, ids, steps, repeats: int, device: str) -> dict[str, 
         flip = r % 2 == 1
         times = {}
         for steered in ((True, False) if flip else (False, True)):
-            ctx = make_ctx() if steered else contextlib.nullcontext()
+            ctx = make_ctx() if steered else make_base()
             times[steered] = timed(model, ctx, device, input_ids=ids, use_cache=True,
                                    past_key_values=DynamicCache(config=model.config))
         out["prefill"].append(times[True])
@@ -77,13 +81,13 @@ def paired(model, make_ctx, ids, steps, repeats: int, device: str) -> dict[str, 
         caches = {}
         for steered in (False, True):
             caches[steered] = DynamicCache(config=model.config)
-            ctx = make_ctx() if steered else contextlib.nullcontext()
+            ctx = make_ctx() if steered else make_base()
             with ctx:
                 model(input_ids=ids, use_cache=True, past_key_values=caches[steered])
         for i, tok in enumerate(steps):
             order = (True, False) if (i + r) % 2 else (False, True)
             for steered in order:
-                ctx = make_ctx() if steered else contextlib.nullcontext()
+                ctx = make_ctx() if steered else make_base()
                 t = timed(model, ctx, device, input_ids=tok, use_cache=True,
                           past_key_values=caches[steered])
                 out["decode" if steered else "decode_base"].append(t)
@@ -123,6 +127,7 @@ def main() -> None:
         "add": lambda: steer(model, saes["standard"], latent=j, add=4.0),
         "ablate": lambda: steer(model, saes["standard"], latent=j, ablate=True),
         "clamp_topk": lambda: steer(model, saes["topk"], latent=j, clamp=0.0),
+        "encoder_limit_topk": lambda: _encoder_hook(model, layer, saes["topk"]),
     }
     names = args.conditions or list(conds)
     g = torch.Generator().manual_seed(0)
@@ -149,9 +154,47 @@ def main() -> None:
         print(f"{c:<26}{row['prefill_ms']:>11.1f}{row['prefill_ms_unsteered']:>12.1f}"
               f"{row['decode_ms']:>11.2f}{row['decode_ms_unsteered']:>12.2f}{pr:>15.3f}{dr:>14.3f}",
               flush=True)
+    if "clamp_topk" in names:
+        res["clamp_topk_vs_limit"] = versus_limit(model, conds, ids, steps, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def versus_limit(model, conds, ids, steps, args) -> dict[str, float]:
+    """TopK clamp paired directly with the encoder limit (same hook, encoder computed, h
+    returned unchanged): what steering costs beyond the encoder that top-k membership needs."""
+    t = paired(model, conds["clamp_topk"], ids, steps, args.repeats, args.device,
+               make_base=conds["encoder_limit_topk"])
+    pr = statistics.median(b / s for b, s in zip(t["prefill_base"], t["prefill"]))
+    dr = statistics.median(b / s for b, s in zip(t["decode_base"], t["decode"]))
+    print(f"{'clamp_topk / limit':<26}{1e3 * statistics.median(t['prefill']):>11.1f}"
+          f"{1e3 * statistics.median(t['prefill_base']):>12.1f}"
+          f"{1e3 * statistics.median(t['decode']):>11.2f}"
+          f"{1e3 * statistics.median(t['decode_base']):>12.2f}{pr:>15.3f}{dr:>14.3f}"
+          "   (base = encoder limit; target >= 0.97)", flush=True)
+    return {"prefill_ratio": pr, "decode_ratio": dr}
+
+
+@contextlib.contextmanager
+def _encoder_hook(model, layer, sae):
+    """The limit for a TopK clamp: a hook that computes the SAE's full pre-activation and its
+    top k (membership needs both) and returns the block output unchanged."""
+    W = sae.W_enc.detach()
+    const = sae.b_enc.detach() - sae.b_dec.detach() @ W
+    k = int(sae.cfg.k)
+
+    def hook(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        full = h.to(W.dtype) @ W + const
+        full.topk(k, dim=-1)
+        return out
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -23,10 +23,15 @@ _NOT_RESID = ("hook_resid_mid", "mlp_out", "attn_out", "hook_z", "hook_q", "hook
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> Any:
-    """The SAE saved in a run directory: a SAELens SAE, or a saediff crosscoder.
+    """The SAE saved in a run directory: a SAELens SAE, or a saediff crosscoder; or a SAELens
+    pretrained SAE named `sae_lens:RELEASE/SAE_ID` (`saediff.sae_pretrained`).
 
     Raw-activation input (any normalisation factor was folded into the weights at save time).
     """
+    from saediff.sae_pretrained import is_pretrained_ref, load_pretrained
+
+    if is_pretrained_ref(path):
+        return load_pretrained(str(path), device)
     path = Path(path)
     check_complete(path, "SAE run")
     if not (path / "cfg.json").is_file():

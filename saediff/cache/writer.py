@@ -28,6 +28,7 @@ from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_
 from saediff.errors import SaediffError
 from saediff.cache.documents import dataset_spec, iter_sequences
 from saediff.io import check_writable_file, output_lock
+from saediff.bridge import as_loaded_model
 from saediff.models import (LoadedModel, check_same_tokenizer,
                             load_model, pad_batch, run_to_layer, tokenizer_fingerprint)
 
@@ -193,7 +194,9 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
     `shard=(r, n)`: only documents with doc_id % n == r (one rank's shard, `cache.shards`)."""
     out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
     part = partial_path(out)
-    models = models or load_cache_models(cfg)
+    # a TransformerBridge is unwrapped to the HF model it runs
+    models = {k: as_loaded_model(m) for k, m in models.items()} if models \
+        else load_cache_models(cfg)
     for m in models.values():
         m.check_layer(cfg.layer)
         m.check_ctx_len(cfg.ctx_len)

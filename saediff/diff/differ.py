@@ -28,6 +28,7 @@ from saediff.diff.data import (DiffConfig, Labeler, ModelContext, Side, build_ex
                               selected_roles)
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_text
+from saediff.bridge import as_loaded_model
 from saediff.models import LoadedModel, check_same_tokenizer, load_model, pad_batch, run_to_layer
 from saediff.stats import bootstrap_mean_ci, group_sums
 from saediff.sae import check_sae, load_sae, require_activation_sae
@@ -77,6 +78,7 @@ def latent_activations(lm: LoadedModel, sae: Any, layer: int,
     `context` (e.g. a steering hook) is entered around the forward passes. Holds every token:
     for large sets use `run_diff`, which streams (`saediff.diff.stream`).
     """
+    lm = as_loaded_model(lm)  # also a TransformerBridge
     acts, resids = [], []
     with context or contextlib.nullcontext():
         for batch in token_batches:

@@ -41,15 +41,20 @@ def _resolve(model: Any) -> tuple[nn.Module, nn.ModuleList, int]:
     """(top HF module that receives generate's kwargs, decoder blocks, d_model)."""
     from saediff.models import LoadedModel, _base, _find_layers
 
+    from saediff.steer.tl import is_transformer_lens, resolve_tl
+
     if isinstance(model, LoadedModel):
         return _base(model.model), model.layers, model.d_model
+    if is_transformer_lens(model):  # HookedTransformer / TransformerBridge: TL hook points
+        return resolve_tl(model)  # type: ignore[return-value]
     if isinstance(model, nn.Module):
         top = _base(model)
         cfg = top.config
         d = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, k)),
                  None)
         return top, _find_layers(top), int(d)
-    raise SaediffError(f"cannot steer a {type(model).__name__}: pass a LoadedModel or HF model")
+    raise SaediffError(f"cannot steer a {type(model).__name__}: pass a LoadedModel, a HF model, "
+                       "or a TransformerLens HookedTransformer / TransformerBridge")
 
 
 def check_unique_latents(latents: Sequence[int], what: str = "--latent") -> None:
@@ -271,6 +276,15 @@ def _make_hook(edit: Callable, positions: Any, tracker: _PositionTracker) -> Cal
     return hook
 
 
+def _watch(top: nn.Module, tracker: _PositionTracker) -> Any:
+    """The tracker sees every forward of the top model (TL models: by wrapping `forward`)."""
+    from saediff.steer.tl import ForwardWatch, is_transformer_lens
+
+    if is_transformer_lens(top):
+        return ForwardWatch(top, tracker.pre_hook)
+    return top.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
+
+
 @contextlib.contextmanager
 def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None, *,
           clamp: ClampValue | None = None, add: float | Sequence[float] | None = None,
@@ -288,7 +302,9 @@ def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None
     layer: block whose output is edited; default from the SAE's hook_name.
     positions: "all", "generated" (tokens not in the prompt; KV-cache aware) or an int:
                edit absolute positions >= that index.
-    model: a `saediff.models.LoadedModel` (base, merged, or PEFT base+adapter) or a HF model.
+    model: a `saediff.models.LoadedModel` (base, merged, or PEFT base+adapter), a HF model, or
+           a TransformerLens `HookedTransformer` / `TransformerBridge` (edited at the hook point
+           `blocks.{layer}.hook_resid_post`, `saediff.steer.tl`).
     """
     top, layers, d_model = _resolve(model)
     modes = [m for m, v in (("clamp", clamp), ("add", add), ("ablate", ablate)) if v is not None
@@ -336,7 +352,7 @@ def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None
     handles = []
     try:
         if positions != "all":
-            handles.append(top.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+            handles.append(_watch(top, tracker))
         handles.append(layers[layer].register_forward_hook(_make_hook(edit, positions, tracker)))
         yield
     finally:

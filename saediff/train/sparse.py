@@ -24,7 +24,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
@@ -66,7 +69,22 @@ def _sampled(acts: SparseActs, g: torch.Tensor, w_dec: torch.Tensor) -> torch.Te
 
 
 def _decode(acts: SparseActs, w_dec: torch.Tensor) -> torch.Tensor:
-    return torch.sparse.mm(acts.csr(), w_dec)
+    """A @ W_dec as a weighted gather-sum of decoder rows (one fused kernel, no CSR build):
+    embedding_bag over each row's active latents, rows given by their start offsets."""
+    counts = torch.bincount(acts.rows, minlength=acts.n_rows)
+    offsets = torch.zeros(acts.n_rows, dtype=torch.int64, device=acts.rows.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return F.embedding_bag(acts.cols, w_dec, offsets, mode="sum",
+                           per_sample_weights=acts.vals.to(w_dec.dtype))
+
+
+def _stable_argsort(t: torch.Tensor) -> torch.Tensor:
+    """Stable argsort; on CPU numpy's single-threaded sort: torch's parallel sort of a few
+    10^4 indices stalls for up to a second on a busy 2-core machine (measured 0.73-1.06 s
+    with 2 threads vs 6-15 ms with 1), the same permutation either way."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.argsort(t.numpy(), kind="stable"))
+    return torch.argsort(t, stable=True)
 
 
 @torch.no_grad()
@@ -78,13 +96,21 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None
     k * (global batch) largest activations of the global batch, as a single process would.
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        n = w_dec.norm(dim=-1)
-        pre_s = torch.addmm(b_enc * n, sae_in, w_enc * n)
-    else:
-        n = None
-        pre_s = torch.addmm(b_enc, sae_in, w_enc)
+    with record_function("saediff.encode"):
+        sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
+        if sae.cfg.rescale_acts_by_decoder_norm:
+            n = w_dec.norm(dim=-1)
+            pre_s = torch.addmm(b_enc * n, sae_in, w_enc * n)
+        else:
+            n = None
+            pre_s = torch.addmm(b_enc, sae_in, w_enc)
+    with record_function("saediff.topk"):
+        acts = _top(sae, pre_s, dp)
+    return acts, pre_s, (n if n is not None else torch.ones(acts.n_cols, device=pre_s.device))
+
+
+def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
+    """The active latents of pre_s: top k per row (TopK) or of the whole batch (BatchTopK)."""
     B, m = pre_s.shape
     if isinstance(sae, BatchTopKTrainingSAE) and dp is not None and dp.active:
         scores = pre_s.relu().flatten()
@@ -102,8 +128,7 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None
         top = torch.topk(pre_s, int(sae.cfg.k), dim=-1, sorted=False)
         rows = torch.arange(B, device=pre_s.device).repeat_interleave(int(sae.cfg.k))
         cols, vals = top.indices.flatten(), top.values.flatten().relu()
-    acts = SparseActs(rows, cols, vals, B, m)
-    return acts, pre_s, (n if n is not None else torch.ones(m, device=pre_s.device))
+    return SparseActs(rows, cols, vals, B, m)
 
 
 class SparseTopKStep:
@@ -130,7 +155,7 @@ class SparseTopKStep:
 
     @staticmethod
     def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.argsort(acts.cols, stable=True)
+        order = _stable_argsort(acts.cols)
         counts = torch.bincount(acts.cols, minlength=acts.n_cols)
         crow = torch.zeros(acts.n_cols + 1, dtype=torch.int64, device=acts.cols.device)
         torch.cumsum(counts, 0, out=crow[1:])
@@ -141,65 +166,85 @@ class SparseTopKStep:
         """Loss on batch `x`; sets `.grad` of every parameter of the SAE.
 
         Returns mse_loss, auxiliary_reconstruction_loss, loss, sae_out and `acts` (the active
-        latents, values as SAELens's feature_acts).
+        latents, values as SAELens's feature_acts). Each phase runs under a
+        `torch.profiler.record_function` label (saediff.encode / topk / decode / backward /
+        aux), which `benchmarks/bench_scale_train.py --profile` turns into a breakdown.
         """
         sae = self.sae
-        w_enc, w_dec = sae.W_enc, sae.W_dec
         B = x.shape[0]
         acts_s, pre_s, n = select(sae, x, dp)
-        if isinstance(sae, BatchTopKTrainingSAE):
-            pos = acts_s.vals > 0
-            low = acts_s.vals[pos].min() if pos.any() else x.new_tensor(float("inf"))
-            if dp is not None:
-                low = dp.min(low)  # the global batch's smallest kept activation
-            if torch.isfinite(low):
-                sae.update_topk_threshold(low.reshape(1))
+        self._update_threshold(acts_s, x, dp)
         a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
-        x_hat = torch.addmm(sae.b_dec, acts.csr(), w_dec) if a.numel() else \
-            sae.b_dec.expand_as(x).clone()
-        diff = x_hat - x
-        mse = diff.pow(2).sum(-1).mean()
-        g = diff * (2.0 / B)
-        da = _sampled(acts, g, w_dec) * (a > 0)
+        with record_function("saediff.decode"):
+            x_hat = _decode(acts, sae.W_dec) + sae.b_dec if a.numel() else \
+                sae.b_dec.expand_as(x).clone()
+            diff = x_hat - x
+            mse = diff.pow(2).sum(-1).mean()
         sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-        order, crow = self._transpose_pattern(acts)
-        self._scatter(acts, order, crow, a, g, self.buf_w_dec, 0.0)
-        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, 0.0)
-        grad_b_enc = torch.zeros(acts.n_cols, dtype=x.dtype, device=x.device).index_add_(
-            0, acts.cols, da)
-
-        aux = x.new_zeros(())
-        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-        if num_dead > 0:
-            k_aux = x.shape[-1] // 2
-            scale = min(num_dead / k_aux, 1.0)
-            k_aux = min(k_aux, num_dead)
-            coef = sae.cfg.aux_loss_coefficient * scale
-            masked = torch.where(dead_mask[None], pre_s, -torch.inf)
-            top = masked.topk(k_aux, dim=-1, sorted=False)
-            cols = top.indices.flatten()
-            rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
-            aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, acts.n_cols)
-            recons = torch.sparse.mm(aux_acts.csr(), w_dec)
-            aux_diff = recons + diff                 # recons - (x - x_hat)
-            aux = coef * aux_diff.pow(2).sum(-1).mean()
-            g_aux = aux_diff * (2.0 * coef / B)
-            da_aux = _sampled(aux_acts, g_aux, w_dec)
-            order, crow = self._transpose_pattern(aux_acts)
-            self._scatter(aux_acts, order, crow, aux_acts.vals, g_aux, self.buf_w_dec, 1.0)
-            self._scatter(aux_acts, order, crow, da_aux, sae_in, self.buf_w_enc_t, 1.0)
-            grad_b_enc.index_add_(0, aux_acts.cols, da_aux)
-        grad_b_dec = g.sum(0)
-        if sae.cfg.apply_b_dec_to_input:
-            grad_b_dec -= w_enc @ grad_b_enc
-        self.buf_w_enc.copy_(self.buf_w_enc_t.T)
+        with record_function("saediff.backward"):
+            g = diff * (2.0 / B)
+            da = _sampled(acts, g, sae.W_dec) * (a > 0)
+            grad_b_enc = self._accumulate(acts, a, g, da, sae_in, 0.0)
+        with record_function("saediff.aux"):
+            aux = self._aux_loss(pre_s, n, diff, sae_in, dead_mask, grad_b_enc)
+        with record_function("saediff.backward"):
+            grad_b_dec = g.sum(0)
+            if sae.cfg.apply_b_dec_to_input:
+                grad_b_dec -= sae.W_enc @ grad_b_enc
+            self.buf_w_enc.copy_(self.buf_w_enc_t.T)
         sae.W_enc.grad = self.buf_w_enc
         sae.W_dec.grad = self.buf_w_dec
         sae.b_enc.grad = grad_b_enc
         sae.b_dec.grad = grad_b_dec
         return {"mse_loss": mse, "auxiliary_reconstruction_loss": aux, "loss": mse + aux,
                 "sae_out": x_hat, "acts": acts_s}
+
+    def _update_threshold(self, acts_s: SparseActs, x: torch.Tensor, dp: Any) -> None:
+        """BatchTopK: the running inference threshold tracks the smallest kept activation."""
+        if not isinstance(self.sae, BatchTopKTrainingSAE):
+            return
+        pos = acts_s.vals > 0
+        low = acts_s.vals[pos].min() if pos.any() else x.new_tensor(float("inf"))
+        if dp is not None:
+            low = dp.min(low)  # the global batch's smallest kept activation
+        if torch.isfinite(low):
+            self.sae.update_topk_threshold(low.reshape(1))
+
+    def _accumulate(self, acts: SparseActs, a: torch.Tensor, g: torch.Tensor, da: torch.Tensor,
+                    sae_in: torch.Tensor, beta: float) -> torch.Tensor:
+        """buf_w_dec (+)= A^T g, buf_w_enc_t (+)= dA^T sae_in; returns d b_enc (colsum dA)."""
+        order, crow = self._transpose_pattern(acts)
+        self._scatter(acts, order, crow, a, g, self.buf_w_dec, beta)
+        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, beta)
+        return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
+            0, acts.cols, da)
+
+    def _aux_loss(self, pre_s: torch.Tensor, n: torch.Tensor, diff: torch.Tensor,
+                  sae_in: torch.Tensor, dead_mask: torch.Tensor | None,
+                  grad_b_enc: torch.Tensor) -> torch.Tensor:
+        """SAELens's TopK auxiliary loss on dead latents; adds its gradients in place."""
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        if num_dead == 0:
+            return diff.new_zeros(())
+        B, d = diff.shape
+        k_aux = d // 2
+        scale = min(num_dead / k_aux, 1.0)
+        k_aux = min(k_aux, num_dead)
+        coef = self.sae.cfg.aux_loss_coefficient * scale
+        # top k_aux among the dead columns only: the same set as masking the live ones to
+        # -inf, without writing and searching a full [B, d_sae] copy
+        dead_idx = torch.nonzero(dead_mask).flatten()
+        top = pre_s.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+        cols = dead_idx[top.indices.flatten()]
+        rows = torch.arange(B, device=diff.device).repeat_interleave(k_aux)
+        aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, pre_s.shape[1])
+        aux_diff = _decode(aux_acts, self.sae.W_dec) + diff   # recons - (x - x_hat)
+        aux = coef * aux_diff.pow(2).sum(-1).mean()
+        g_aux = aux_diff * (2.0 * coef / B)
+        da_aux = _sampled(aux_acts, g_aux, self.sae.W_dec)
+        grad_b_enc += self._accumulate(aux_acts, aux_acts.vals, g_aux, da_aux, sae_in, 1.0)
+        return aux
 
 
 def train_step_grads(sae: TopKTrainingSAE, x: torch.Tensor,

