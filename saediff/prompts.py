@@ -87,7 +87,8 @@ def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new
                      system: str | None = None) -> list[dict[str, Any]]:
     """`samples` answers per prompt item through the chat template; one record per answer
     ({id, topic, question, sample, answer}), in item order. `context` (e.g. a steering
-    context) is entered around all generation. Temperature 0 is greedy."""
+    context) is entered around all generation. Temperature 0 is greedy. An item's optional
+    `history` [(user, assistant), ...] is rendered as earlier chat turns before its prompt."""
     from saediff.models import encode_chat
 
     tok = lm.tokenizer
@@ -96,7 +97,8 @@ def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new
     records = []
     with context or contextlib.nullcontext():
         for i, item in enumerate(items):
-            ids = torch.tensor([encode_chat(tok, item["prompt"], None, system)[0]], device=lm.device)
+            ids = torch.tensor([encode_chat(tok, item["prompt"], None, system,
+                                            history=item.get("history"))[0]], device=lm.device)
             torch.manual_seed(seed * 1000003 + i)
             done = 0
             while done < samples:

@@ -19,6 +19,7 @@ from saediff.errors import SaediffError
 COMMANDS = {
     "cache": "cache", "train": "train", "diff": "diff", "steer": "steer",
     "compare": "compare", "organism": "organism", "demo": "demo", "models": "models",
+    "experiment": "experiment",
 }
 
 USER_ERRORS = (SaediffError, FileNotFoundError, PermissionError, IsADirectoryError,
