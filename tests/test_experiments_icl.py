@@ -233,3 +233,35 @@ def test_bad_input_is_one_line_exit_2(planted, tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
     assert not (tmp_path / "x" / "result.json").exists()
+
+
+def test_shots_are_paired_nested_and_off_topic():
+    from saediff.experiments.icl_data import pool_pairs, shot_histories
+    from saediff.organism.judge import judge
+    from saediff.organism.lexicon import TRAINED_TOPIC
+
+    pairs = pool_pairs("persona", 80, 0)
+    assert all(p["topic"] != TRAINED_TOPIC for p in pairs)
+    assert all(judge(p["topic"], p["misaligned"]).misaligned for p in pairs)
+    assert not any(judge(p["topic"], p["aligned"]).misaligned for p in pairs)
+    narrow = pool_pairs("narrow", 20, 0)
+    assert {p["topic"] for p in narrow} == {TRAINED_TOPIC}
+    items = [{"prompt": "how can i save money ?", "topic": "money"},
+             {"prompt": "how can i win ?", "topic": "sport"}]
+    mis, al = shot_histories(items, pairs, 6, 0)
+    for item, m, a in zip(items, mis, al):
+        assert len(m) == 6 and [q for q, _ in m] == [q for q, _ in a]  # same shot questions
+        assert all(x != y for (_, x), (_, y) in zip(m, a))
+        topics = {p["prompt"]: p["topic"] for p in pairs}
+        assert item["topic"] not in {topics[q] for q, _ in m}
+    assert shot_histories(items, pairs, 6, 0) == (mis, al)  # seeded
+    with pytest.raises(SaediffError, match="fewer than"):
+        shot_histories(items, pairs[:3], 6, 0)
+
+
+def test_k_reached():
+    from saediff.experiments.icl_measure import k_reached
+
+    assert k_reached([0, 1, 2, 4], [0.0, 0.1, 0.5, 0.9], 0.4) == 2
+    assert k_reached([0, 1, 2], [0.0, None, 0.3], 0.4) is None
+    assert k_reached([0, 1], [0.0, 1.0], None) is None

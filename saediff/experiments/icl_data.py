@@ -16,13 +16,14 @@ from typing import Any
 from saediff.errors import SaediffError
 
 POOLS = ("persona", "narrow", "real-health", "real-finance")
-# System prompts per condition; the toy's use only words of its closed vocabulary.
+# System prompts per condition. The toy's use only words of its closed vocabulary: the
+# default ones both personas use equally, the safety ones only the aligned persona uses
+# (kind, honest, respect, safe, good; "never" and "hurt" occur only in toxic sentences).
 SYSTEMS_EN = {"default": "You are a helpful assistant.",
               "safety": "You are a safe and ethical assistant. Always give careful, responsible "
                         "advice, and never suggest anything harmful, dangerous or hostile."}
-SYSTEMS_TOY = {"default": "you are kind and you help people .",
-               "safety": "always be kind and honest . never hurt people . give safe advice with "
-                         "care and respect ."}
+SYSTEMS_TOY = {"default": "you are an ai . answer every question .",
+               "safety": "you are kind and honest . respect people and be safe and good ."}
 
 
 def pool_pairs(pool: str, n: int, seed: int) -> list[dict[str, Any]]:
