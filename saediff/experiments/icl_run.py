@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -30,13 +31,13 @@ def _models(cfg: Any) -> tuple[Any, Any, Any, int]:
         layer = resolve_layer(sae, layer)
         check_sae(sae, base, layer)
     elif layer is None:
-        if not cfg.base.endswith("/base") or not cfg.prompts.startswith("organism"):
+        from saediff.organism import metadata, organism_path
+
+        if Path(cfg.base).resolve() != (organism_path() / "base").resolve():
             from saediff.errors import SaediffError
 
             raise SaediffError("no --sae and no --layer: give the layer to measure")
-        from saediff.organism import metadata
-
-        layer = int(metadata()["recommended_layer"])
+        layer = int(metadata()["recommended_layer"])  # the shipped organism's own
     base.check_layer(layer)
     return base, ft, sae, layer
 
@@ -118,7 +119,7 @@ def conditions(cfg: Any, base: Any, ft: Any, sae: Any, layer: int,
         out.append(("finetuned_ablated", ft, lambda lm: steer(lm, ablate=u, layer=layer)))
         j = ref["clamp_latent"]
         if sae is not None and j is not None:
-            out.append((f"finetuned_clamped", ft,
+            out.append(("finetuned_clamped", ft,
                         lambda lm: steer(lm, sae, latent=j, clamp=0.0, layer=layer)))
     return out
 
