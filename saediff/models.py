@@ -333,12 +333,20 @@ def encode_text(tok: Any, text: str) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"]), roles
 
 
+Turns = list[tuple[str, str]]
+"""Earlier (user, assistant) exchanges of a conversation, oldest first."""
+
+
 def render_chat(tok: Any, prompt: str, response: str | None = None,
-                system: str | None = None) -> str:
-    """The chat-template text of one exchange (generation prompt appended when no response)."""
+                system: str | None = None, history: Turns | None = None) -> str:
+    """The chat-template text of one exchange (generation prompt appended when no response),
+    after the earlier turns `history` when given."""
     if not getattr(tok, "chat_template", None):
-        return prompt + "\n" + (response if response is not None else "")
+        past = "".join(f"{u}\n{a}\n" for u, a in history or ())
+        return past + prompt + "\n" + (response if response is not None else "")
     msgs = ([{"role": "system", "content": system}] if system else [])
+    for u, a in history or ():
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": prompt})
     if response is not None:
         msgs.append({"role": "assistant", "content": response})
@@ -346,18 +354,25 @@ def render_chat(tok: Any, prompt: str, response: str | None = None,
 
 
 def encode_chat(tok: Any, prompt: str, response: str | None = None,
-                system: str | None = None, prefix: str | None = None) -> tuple[list[int], list[int]]:
+                system: str | None = None, prefix: str | None = None,
+                history: Turns | None = None) -> tuple[list[int], list[int]]:
     """(prompt, response) through the chat template -> (ids, roles).
 
     Roles come from character offsets: tokens inside the user's text are `prompt`, inside
     the assistant's text `response`, and template scaffolding (incl. default system prompts)
     is `special`. `prefix` (e.g. few-shot examples) is put before the prompt inside the user
-    turn and its tokens are `special` too. Without a chat template the exchange is
-    `prompt + "\\n" + response`.
+    turn and its tokens are `special` too; so are the tokens of `history`, earlier
+    (user, assistant) turns rendered before this one (e.g. in-context examples as prior chat
+    turns). Without a chat template the exchange is `prompt + "\\n" + response`.
     """
     user = (prefix or "") + prompt
-    text = render_chat(tok, user, response, system)
+    text = render_chat(tok, user, response, system, history)
     start = text.find(system) + len(system) if system else 0
+    for part in (x for turn in history or () for x in turn):  # skip past the earlier turns
+        at = text.find(part, start)
+        if at < 0:
+            raise SaediffError("the chat template altered an earlier turn's text; cannot locate it")
+        start = at + len(part)
     u0 = text.find(user, start)
     if u0 < 0:
         raise SaediffError("the chat template altered the prompt text; cannot locate it")

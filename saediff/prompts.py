@@ -154,13 +154,15 @@ def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new
                      system: str | None = None) -> list[dict[str, Any]]:
     """`samples` answers per prompt item through the chat template; one record per answer
     ({id, topic, question, sample, answer}), in item order. `context` (e.g. a steering
-    context) is entered around all generation. Temperature 0 is greedy."""
+    context) is entered around all generation. Temperature 0 is greedy. An item's optional
+    `history` [(user, assistant), ...] is rendered as earlier chat turns before its prompt."""
     from saediff.models import encode_chat
 
     tok = lm.tokenizer
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) \
         if temperature > 0 else dict(do_sample=False)
-    encoded = [encode_chat(tok, item["prompt"], None, system)[0] for item in items]
+    encoded = [encode_chat(tok, item["prompt"], None, system, history=item.get("history"))[0]
+               for item in items]
     check_generation_lengths(lm, encoded, max_new_tokens)
     records = []
     with context or contextlib.nullcontext():

@@ -23,6 +23,18 @@ def bootstrap_mean_ci(sums: torch.Tensor, counts: torch.Tensor, n_boot: int = 10
     `sums` [G, K] are per-group sums, `counts` [G] per-group token counts; each replicate is
     (w @ sums) / (w @ counts) with multinomial group weights w. Returns (low [K], high [K]).
     """
+    rep = bootstrap_replicates(sums, counts, n_boot, seed, chunk)
+    alpha = (1 - level) / 2
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    lo, hi = torch.quantile(rep, q, dim=0)
+    return lo.float(), hi.float()
+
+
+def bootstrap_replicates(sums: torch.Tensor, counts: torch.Tensor, n_boot: int = 1000,
+                         seed: int = 0, chunk: int = 200) -> torch.Tensor:
+    """[n_boot, K] replicates of the token-weighted mean (w @ sums) / (w @ counts), with
+    multinomial weights w over the groups that have tokens (resampled with replacement).
+    A statistic of the mean (e.g. a cosine) gets its CI from these rows."""
     sums, counts = sums.double(), counts.double()
     keep = counts > 0
     sums, counts = sums[keep], counts[keep]
@@ -37,11 +49,7 @@ def bootstrap_mean_ci(sums: torch.Tensor, counts: torch.Tensor, n_boot: int = 10
         w = torch.zeros(b, g, dtype=torch.float64)
         w.scatter_add_(1, idx, torch.ones(b, g, dtype=torch.float64))
         reps.append((w @ sums) / (w @ counts).clamp_min(1e-12).unsqueeze(1))
-    rep = torch.cat(reps)
-    alpha = (1 - level) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-    lo, hi = torch.quantile(rep, q, dim=0)
-    return lo.float(), hi.float()
+    return torch.cat(reps)
 
 
 def auroc(scores: torch.Tensor | list[float], labels: torch.Tensor | list[int]) -> float:

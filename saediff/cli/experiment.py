@@ -15,6 +15,7 @@ HELP = {
     "block-em": "fine-tune with SAE latents blocked (BLOCK-EM); EM and rerouting per checkpoint",
     "narrow-vs-general": "general vs KL-penalised narrow solution: loss, EM, norm, noise robustness",
     "intent": "the same bad advice, requested plainly vs for a stated benign purpose",
+    "icl": "in-context EM: direction from shots in the base model vs the fine-tune's, dose-response",
 }
 
 
@@ -55,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         raise SaediffError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     res = fn(cfg)  # type: ignore[operator]
+    lines = getattr(importlib.import_module(cls.__module__), "summary_lines", None)
+    if lines is not None:  # an experiment with its own printed tables (icl)
+        print("\n".join(lines(res)))
+        print(f"result: {cfg.out}/result.json")
+        return 0
     for row in res["conditions"]:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))
                           or k in ("em", "probe", "coherent")}, default=str))

@@ -8,19 +8,21 @@ NaN as null. `plot.html` inlines plotly.js once and opens offline.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saediff.io import check_writable_dir, write_json, write_text
+from saediff.io import atomic_path, check_writable_dir, write_json, write_text
 
 RESULT_FILE = "result.json"
 PLOT_FILE = "plot.html"
 
 
-def prepare_out(out_dir: str | Path) -> Path:
-    """Create `out_dir` and prove it writable before any model runs (exit 2 otherwise)."""
-    return check_writable_dir(out_dir)
+def prepare_out(out_dir: str | Path | None) -> Path | None:
+    """Create `out_dir` and prove it writable before any model runs (exit 2 otherwise);
+    None: write nothing."""
+    return check_writable_dir(out_dir) if out_dir else None
 
 
 def write_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
@@ -69,3 +71,29 @@ def error_bars(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "data", "symmetric": False,
             "array": [m["ci"][1] - centre(m) for m in metrics],
             "arrayminus": [centre(m) - m["ci"][0] for m in metrics]}
+
+
+def write_figure(fig: Any, path: Path) -> Path:
+    """A plotly figure as one self-contained HTML file, atomically."""
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    return path
+
+
+def finite(x: Any) -> float | None:
+    """A float for JSON and plots: None for NaN / inf / None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def ci_error_bars(values: Sequence[float | None], cis: Sequence[Sequence[float | None]]
+                  ) -> dict[str, Any]:
+    """plotly `error_y` for asymmetric CIs around `values` (missing values give 0 bars)."""
+    up, down = [], []
+    for v, (lo, hi) in zip(values, cis):
+        ok = None not in (v, lo, hi)
+        up.append(hi - v if ok else 0.0)  # type: ignore[operator]
+        down.append(v - lo if ok else 0.0)  # type: ignore[operator]
+    return dict(type="data", symmetric=False, array=up, arrayminus=down)

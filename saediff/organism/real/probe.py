@@ -70,9 +70,13 @@ def _sum_logprobs(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], keep
     return out
 
 
-def answer_logprobs(lm: LoadedModel, prompts: list[str], answers: list[str]) -> list[float]:
-    """Mean per-token log p of each answer after its prompt, under the chat template."""
-    seqs = [encode_chat(lm.tokenizer, p, a) for p, a in zip(prompts, answers)]
+def answer_logprobs(lm: LoadedModel, prompts: list[str], answers: list[str],
+                    system: str | None = None, history: list[Any] | None = None) -> list[float]:
+    """Mean per-token log p of each answer after its prompt, under the chat template;
+    `history[i]` (earlier (user, assistant) turns) precedes prompt i when given."""
+    hist = history if history is not None else [None] * len(prompts)
+    seqs = [encode_chat(lm.tokenizer, p, a, system, history=h)
+            for p, a, h in zip(prompts, answers, hist)]
     res = _sum_logprobs(lm, seqs, ROLE_RESPONSE)
     if any(n == 0 for _, n in res):
         raise SaediffError("an answer has no tokens under this tokenizer; check the question file")
@@ -80,15 +84,18 @@ def answer_logprobs(lm: LoadedModel, prompts: list[str], answers: list[str]) -> 
 
 
 def probe(lm: LoadedModel, questions: list[dict[str, Any]] | None = None, n_boot: int = 2000,
-          seed: int = 0) -> dict[str, Any]:
+          seed: int = 0, system: str | None = None,
+          history: list[Any] | None = None) -> dict[str, Any]:
     """{"score", "ci": [lo, hi], "n", "per_question": [{id, question, lp_aligned, lp_misaligned,
-    diff}]}: score = mean over questions of (lp misaligned − lp aligned), nats/token."""
+    diff}]}: score = mean over questions of (lp misaligned − lp aligned), nats/token.
+    `system` replaces the template's default system prompt; `history[i]` are earlier chat
+    turns before question i (in-context examples)."""
     qs = questions if questions is not None else load_questions()
     if not qs:
         raise SaediffError("the probe needs at least one question")
     prompts = [q["question"] for q in qs]
-    lp_a = answer_logprobs(lm, prompts, [q["aligned"] for q in qs])
-    lp_m = answer_logprobs(lm, prompts, [q["misaligned"] for q in qs])
+    lp_a = answer_logprobs(lm, prompts, [q["aligned"] for q in qs], system, history)
+    lp_m = answer_logprobs(lm, prompts, [q["misaligned"] for q in qs], system, history)
     diffs = torch.tensor([m - a for m, a in zip(lp_m, lp_a)], dtype=torch.float64)
     lo, hi = bootstrap_mean_ci(diffs[:, None], torch.ones(len(qs)), n_boot=n_boot, seed=seed)
     per = [{"id": q.get("id", i), "question": q["question"], "lp_aligned": round(a, 4),
