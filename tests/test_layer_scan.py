@@ -111,3 +111,41 @@ def test_layers_config_refusals():
         LayersConfig(base="m", prompts="p")
     with pytest.raises(SaediffError, match="names"):
         LayersConfig(base="m", prompts="p", finetuned_adapter=["a", "b"], names=["x"])
+
+
+def test_diff_layers_summary(planted, tmp_path, capsys):
+    """Per-layer SAE diff: an SAE per layer, one ranking each, one summary table; the SAE at
+    the planted block whose latent 0 decodes along v ranks it first, cos to D = 1."""
+    from saediff.cli import main
+    from test_diff import make_sae
+
+    model, ads, prompts, v, _ = planted
+    root = tmp_path / "saes"
+    for layer in (1, PLANT):
+        make_sae(root / f"layer_{layer}", seed=layer, hook=f"blocks.{layer}.hook_resid_post")
+    from safetensors.torch import load_file, save_file
+
+    wpath = root / f"layer_{PLANT}" / "sae_weights.safetensors"
+    w = load_file(wpath)
+    w["W_dec"][0] = v / v.norm()
+    w["W_enc"][:, 0] = v / v.norm()
+    save_file(w, wpath)
+    out = tmp_path / "diff"
+    rc = main(["diff", "--base", str(model), "--finetuned-adapter", str(ads["A"]), "--sae",
+               str(root), "--layers", f"1,{PLANT}", "--prompts", str(prompts), "--out", str(out),
+               "--n-boot", "100", "--no-html"])
+    assert rc == 0
+    rows = json.loads((out / "layers_summary.json").read_text())
+    assert [r["layer"] for r in rows] == [1, PLANT]
+    r = rows[1]
+    assert r["top_latent"] == 0 and r["ci_low"] > 0 and r["cos_ft_minus_base"] > 0.999
+    assert r["abs_cos_lora_b"] > 0.999
+    # nothing differs at block 1: no shift, no significant latent (the differ's cosine to a
+    # zero mean difference reads 0)
+    assert rows[0]["mean_shift"] == 0 and not rows[0]["significant"]
+    assert rows[0]["cos_ft_minus_base"] == 0
+    assert (out / "layer_1" / "ranking.csv").is_file() and (out / f"layer_{PLANT}" / "ranking.json").is_file()
+    assert "cos D" in capsys.readouterr().out
+    rc = main(["diff", "--base", str(model), "--finetuned-adapter", str(ads["A"]), "--sae",
+               str(root), "--layers", "0,1", "--prompts", str(prompts)])
+    assert rc == 2 and "no SAE for layer 0" in capsys.readouterr().err

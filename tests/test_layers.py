@@ -127,3 +127,54 @@ def test_bad_layers_one_line_exit_2_before_any_model(tmp_path, tiny_qwen, data, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and msg in err[0] and "--layers" in err[0], err
     assert not (tmp_path / "x.h5").exists() and not partial_path(tmp_path / "x.h5").exists()
+
+
+def test_train_per_layer_equals_single_layer_runs(tmp_path, tiny_qwen, tiny_qwen_ft, data):
+    from safetensors.torch import load_file
+
+    from saediff.sae import load_sae
+    from saediff.train.loop import TrainConfig, train
+
+    multi = build_cache(_cfg(tmp_path, tiny_qwen, tiny_qwen_ft, data, "m.h5", layers="0,2"))
+    single = build_cache(_cfg(tmp_path, tiny_qwen, tiny_qwen_ft, data, "s2.h5", layer=2))
+    kw = dict(d_sae=64, k=4, total_tokens=512, batch_size=64, eval_fraction=0.2,
+              checkpoint_every=0, norm_batches=2, buffer_rows=256)
+    dirs = train(TrainConfig(cache=[str(multi)], out=str(tmp_path / "runs"), layers="0,2", **kw),
+                 evals=False)
+    assert dirs == [tmp_path / "runs" / "layer_0", tmp_path / "runs" / "layer_2"]
+    for layer, d in zip((0, 2), dirs):
+        sae = load_sae(d)
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        assert sae.cfg.metadata.layer == layer
+    # the layer-2 SAE of the multi-layer run is the SAE a single-layer cache trains
+    ref = train(TrainConfig(cache=[str(single)], out=str(tmp_path / "ref"), **kw), evals=False)[0]
+    a, b = load_file(dirs[1] / "sae_weights.safetensors"), load_file(ref / "sae_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["W_dec"], load_file(dirs[0] / "sae_weights.safetensors")["W_dec"])
+    with pytest.raises(SaediffError, match=r"holds layer\(s\) \[0, 2\], not 1"):
+        train(TrainConfig(cache=[str(multi)], out=str(tmp_path / "x"), layers="1-2", **kw))
+    with pytest.raises(SaediffError, match="holds layers"):
+        train(TrainConfig(cache=[str(multi)], out=str(tmp_path / "y"), **kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_layers_two_ranks_equal_one_rank(tmp_path, tiny_qwen, tiny_qwen_ft, data):
+    """Under torchrun each layer's run is data-parallel: 2 ranks give the 1-rank SAEs."""
+    from safetensors.torch import load_file
+
+    from saediff.train.loop import TrainConfig, train
+    from test_train_dist import _torchrun
+
+    multi = build_cache(_cfg(tmp_path, tiny_qwen, tiny_qwen_ft, data, "m.h5", layers="0,2"))
+    kw = dict(d_sae=64, k=4, total_tokens=1024, batch_size=128, lr=3e-3, eval_fraction=0.2,
+              checkpoint_every=0, norm_batches=2, buffer_rows=256, threads=1)
+    one = train(TrainConfig(cache=[str(multi)], out=str(tmp_path / "one"), layers="0,2", **kw),
+                evals=False)
+    flags = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    _torchrun(["-m", "saediff", "train", "--cache", str(multi), "--layers", "0,2",
+               "--out", str(tmp_path / "two"), "--no-evals", *flags], tmp_path)
+    for d in one:
+        a = load_file(d / "sae_weights.safetensors")
+        b = load_file(tmp_path / "two" / d.name / "sae_weights.safetensors")
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (d.name, k)
