@@ -76,8 +76,9 @@ def check_layer_range(layers: list[int], n_layers: int | None, model: str,
         return
     bad = [x for x in layers if x >= n_layers]
     if bad:
-        raise SaediffError(f"{flag}: layer(s) {', '.join(map(str, bad))} out of range: {model} "
-                           f"has {n_layers} blocks (valid 0..{n_layers - 1})")
+        what = f"layer {bad[0]}" if len(bad) == 1 else f"layers {', '.join(map(str, bad))}"
+        raise SaediffError(f"{flag}: {what} out of range: {model} has {n_layers} blocks "
+                           f"(valid {flag} 0..{n_layers - 1})")
 
 
 def layer_dir(root: str | Path, layer: int) -> Path:
