@@ -1,6 +1,7 @@
 """`saediff cache --layers A,B,C` (one forward pass per batch) ÷ three single-layer cache runs.
 
-Wall time of the whole command each way (model loading, tokenising, forward, HDF5 writes),
+Wall time and process CPU time (all threads; on a shared machine the steadier of the two) of
+the whole command each way (model loading, tokenising, forward, HDF5 writes),
 base + fine-tuned (the real organism's rank-1 adapter) on SmolLM2-135M-Instruct, measured
 side by side in one run; arms interleaved so machine noise hits both alike. Also checks that
 the multi-layer rows equal the single-layer caches' rows.
@@ -10,6 +11,7 @@ the multi-layer rows equal the single-layer caches' rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -59,18 +61,23 @@ def main() -> None:
                            max_tokens=args.tokens, ctx_len=128, batch_size=8,
                            out=str(tmp / f"{name}.h5"), overwrite=True, **kw)
 
+    # warm-up: the first build in a process pays one-off costs (file cache, lazy imports)
+    build_cache(dataclasses.replace(cfg("warm", layer=0), max_tokens=64))
     report: dict = {"model": model, "adapter": adapter, "tokens": args.tokens, "sets": {}}
     for spec in args.sets:
         layers = parse_layers(spec)
-        times: dict[str, list[float]] = {"multi": [], "singles": []}
+        times: dict[str, list[float]] = {"multi": [], "singles": [], "multi_cpu": [],
+                                         "singles_cpu": []}
         for _ in range(args.repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             build_cache(cfg("multi", layers=spec))
             times["multi"].append(time.perf_counter() - t)
-            t = time.perf_counter()
+            times["multi_cpu"].append(time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
             for x in layers:
                 build_cache(cfg(f"single{x}", layer=x))
             times["singles"].append(time.perf_counter() - t)
+            times["singles_cpu"].append(time.process_time() - c)
         equal = True
         for x in layers:
             with open_cache(tmp / "multi.h5", layer=x) as m, open_cache(tmp / f"single{x}.h5") as s:
@@ -81,6 +88,9 @@ def main() -> None:
         report["sets"][spec] = {"multi_s": round(med["multi"], 1),
                                 "three_singles_s": round(med["singles"], 1),
                                 "ratio": round(med["multi"] / med["singles"], 3),
+                                "multi_cpu_s": round(med["multi_cpu"], 1),
+                                "three_singles_cpu_s": round(med["singles_cpu"], 1),
+                                "cpu_ratio": round(med["multi_cpu"] / med["singles_cpu"], 3),
                                 "rows_equal": equal}
         print(json.dumps({spec: report["sets"][spec]}), flush=True)
     print(json.dumps(report, indent=2))
