@@ -308,6 +308,38 @@ def run_to_layer(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch
     return box["resid"]
 
 
+@torch.no_grad()
+def run_to_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  layers: list[int]) -> dict[int, torch.Tensor]:
+    """Residual stream after each block in `layers` from ONE forward pass, cut after the
+    deepest of them. {layer: [B, T, d_model]}; every hook is removed."""
+    for layer in layers:
+        lm.check_layer(layer)
+    last = max(layers)
+    box: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer: int) -> Any:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            box[layer] = out[0] if isinstance(out, tuple) else out
+            if layer == last:
+                raise _StopForward
+        return hook
+
+    handles = [lm.layers[layer].register_forward_hook(make_hook(layer)) for layer in set(layers)]
+    try:
+        lm.model(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
+                 use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [x for x in layers if x not in box]
+    if missing:
+        raise SaediffError(f"block(s) {missing} of {lm.name} did not run")
+    return box
+
+
 # --- encoding text and chats into token ids + roles ----------------------------------------
 
 def _roles_from_offsets(offsets: list[tuple[int, int]], special: list[int],

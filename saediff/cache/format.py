@@ -10,6 +10,8 @@ means the same token for every source, because all sources saw the same token id
     /roles        int8  [N]         0 special, 1 prompt, 2 response, 3 text (models.ROLES)
     /seq_offsets  int64 [S+1]       first row of each sequence (S = committed sequences)
     /acts/<src>   f16|f32 [N, d]    residual stream after block `layer` for source <src>
+    /acts/<src>.layer<L>            (a multi-layer cache, attr `layers`: one per layer L
+                                    instead; the index datasets and the commit are shared)
     /progress     int64 [4]         committed rows, committed sequences, complete flag, max_tokens
 
 Only `progress` is trusted: a killed writer may leave datasets longer than the committed
@@ -35,13 +37,25 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 INDEX_FIELDS = {"tokens": "i4", "seq_ids": "i8", "doc_ids": "i8", "positions": "i4", "roles": "i1"}
-JSON_ATTRS = ("models", "sources", "dataset")
+JSON_ATTRS = ("models", "sources", "dataset", "layers", "hook_names")
 PARTIAL_SUFFIX = ".partial"
 P_ROWS, P_SEQS, P_COMPLETE, P_MAX = range(4)
 
 
 def partial_path(path: str | Path) -> Path:
     return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def acts_dataset(source: str, layer: int | None = None) -> str:
+    """Name of a source's activations: `acts/base` (one layer), `acts/base.layer12` (several)."""
+    return f"acts/{source}" if layer is None else f"acts/{source}.layer{layer}"
+
+
+def cache_layers(attrs: dict[str, Any]) -> list[int]:
+    """The layers a cache holds (a single-layer cache: [its layer])."""
+    if attrs.get("layers"):
+        return [int(x) for x in attrs["layers"]]
+    return [int(attrs["layer"])]
 
 
 def read_attrs(f: h5py.File) -> dict[str, Any]:
@@ -60,7 +74,7 @@ def read_attrs(f: h5py.File) -> dict[str, Any]:
 class CacheFile:
     """Read access to a cache: committed rows only, activations as float32 tensors."""
 
-    def __init__(self, path: str | Path, allow_partial: bool = False):
+    def __init__(self, path: str | Path, allow_partial: bool = False, layer: int | None = None):
         path = Path(path)
         if not path.exists() and partial_path(path).exists():
             if not allow_partial:
@@ -84,6 +98,7 @@ class CacheFile:
         if self.attrs["schema_version"] != SCHEMA_VERSION:
             raise SaediffError(f"{path}: schema version {self.attrs['schema_version']}, "
                                f"this saediff reads {SCHEMA_VERSION}")
+        self._select_layer(layer)
         prog = self._f["progress"][:]
         self.rows = int(prog[P_ROWS])
         self.n_sequences = int(prog[P_SEQS])
@@ -110,6 +125,30 @@ class CacheFile:
                 raise SaediffError(f"{path} is damaged: {problems[0]}; check it with `saediff "
                                    "cache verify` and rebuild it with --overwrite")
 
+    def _select_layer(self, layer: int | None) -> None:
+        """Which layer's activations this reader serves (a multi-layer cache holds several)."""
+        self.layers = cache_layers(self.attrs)
+        self.multi_layer = bool(self.attrs.get("layers"))
+        if layer is not None and layer not in self.layers:
+            self._f.close()
+            raise SaediffError(f"{self.path} holds layer(s) {self.layers}, not {layer}; pass "
+                               "one of those (or cache that layer)")
+        self._layer = layer if layer is not None else \
+            (self.layers[0] if not self.multi_layer else None)
+
+    def _acts(self, source: str) -> str:
+        if not self.multi_layer:
+            return acts_dataset(source)
+        if self._layer is None:
+            raise SaediffError(f"{self.path} holds layers {self.layers}; open it at one of them "
+                               "(open_cache(path, layer=L); CLI: --layer L or --layers)")
+        return acts_dataset(source, self._layer)
+
+    def activation_datasets(self) -> list[str]:
+        """Every stored activation dataset (all sources, all layers)."""
+        layers = self.layers if self.multi_layer else [None]
+        return [acts_dataset(s, x) for x in layers for s in self.sources]
+
     # -- metadata -------------------------------------------------------------------------
     @property
     def d_model(self) -> int:
@@ -117,7 +156,8 @@ class CacheFile:
 
     @property
     def layer(self) -> int:
-        return int(self.attrs["layer"])
+        self._acts(self.sources[0])  # a multi-layer cache opened without a layer: say so
+        return int(self._layer)  # type: ignore[arg-type]
 
     @property
     def sources(self) -> list[str]:
@@ -125,7 +165,8 @@ class CacheFile:
 
     @property
     def hook_name(self) -> str:
-        return str(self.attrs["hook_name"])
+        return f"blocks.{self.layer}.hook_resid_post" if self.multi_layer \
+            else str(self.attrs["hook_name"])
 
     def _span(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.rows if stop is None else stop
@@ -165,12 +206,12 @@ class CacheFile:
         if source not in self.sources:
             raise SaediffError(f"source {source!r} not in {self.path} (sources: {self.sources})")
         a, b = self._span(start, stop)
-        return torch.from_numpy(self._read(f"acts/{source}", a, b).astype(np.float32, copy=False))
+        return torch.from_numpy(self._read(self._acts(source), a, b).astype(np.float32, copy=False))
 
     def raw_activations(self, source: str, start: int, stop: int) -> np.ndarray:
         """Stored dtype, no conversion (for bulk readers)."""
         a, b = self._span(start, stop)
-        return self._read(f"acts/{source}", a, b)
+        return self._read(self._acts(source), a, b)
 
     def sequence_offsets(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """First row of sequences start..stop (stop inclusive of the end offset)."""
@@ -197,11 +238,11 @@ class CacheFile:
         from saediff.models import ROLE_NAMES
 
         return {"path": str(self.path), "rows": self.rows, "sequences": self.n_sequences,
-                "complete": self.complete, "d_model": self.d_model, "layer": self.layer,
-                "sources": self.sources,
+                "complete": self.complete, "d_model": self.d_model,
+                "layer": self._layer, "layers": self.layers, "sources": self.sources,
                 "role_counts": {ROLE_NAMES[i]: int(c) for i, c in enumerate(roles)},
                 "world_size": 1,  # ranks that wrote it (a torchrun cache says more below)
-                **{k: v for k, v in self.attrs.items() if k not in ("sources",)}}
+                **{k: v for k, v in self.attrs.items() if k not in ("sources", "layers")}}
 
     def close(self) -> None:
         self._f.close()
@@ -213,13 +254,15 @@ class CacheFile:
         self.close()
 
 
-def open_cache(path: str | Path, allow_partial: bool = False) -> CacheFile:
+def open_cache(path: str | Path, allow_partial: bool = False,
+               layer: int | None = None) -> CacheFile:
     """Open a complete, structurally sound activation cache for reading.
 
     `allow_partial` also opens an incomplete one (`NAME.h5.partial`: its committed prefix)
-    and skips the structure check (for `cache info` / `cache verify`).
+    and skips the structure check (for `cache info` / `cache verify`). `layer` picks the
+    layer of a multi-layer cache (`saediff cache --layers`); a single-layer cache has one.
     """
-    return CacheFile(path, allow_partial=allow_partial)
+    return CacheFile(path, allow_partial=allow_partial, layer=layer)
 
 
 def _first_bad_chunk(d: h5py.Dataset, n: int) -> int:
@@ -277,18 +320,18 @@ def structure_problems(c: CacheFile) -> list[str]:
     for name in list(INDEX_FIELDS) + ["seq_offsets"]:
         if name not in f:
             problems.append(f"missing dataset /{name}")
-    for src in c.sources:
-        if "acts" not in f or src not in f["acts"]:
-            problems.append(f"missing activations for source {src!r}")
+    for name in c.activation_datasets():
+        if name not in f:
+            problems.append(f"missing activations /{name}")
     if problems:
         return problems
     for name in INDEX_FIELDS:
         if f[name].shape[0] < c.rows:
             problems.append(f"/{name} has {f[name].shape[0]} rows < committed {c.rows}")
-    for src in c.sources:
-        shape = f["acts"][src].shape
+    for name in c.activation_datasets():
+        shape = f[name].shape
         if shape[0] < c.rows or shape[1] != c.d_model:
-            problems.append(f"/acts/{src} shape {shape} does not fit {c.rows}x{c.d_model}")
+            problems.append(f"/{name} shape {shape} does not fit {c.rows}x{c.d_model}")
     try:
         offs = f["seq_offsets"][: c.n_sequences + 1]
     except OSError as exc:
@@ -340,10 +383,11 @@ def _block_problems(c: CacheFile, a: int, b: int, offs: np.ndarray,
         i = a + int(np.argmax((t < 0) | (t >= (vocab if vocab is not None else np.inf))))
         problems.append(f"token id {int(t[i - a])} at row {i} is outside the vocabulary "
                         f"[0, {vocab if vocab is not None else '?'})")
-    for src in c.sources:
-        x = c.raw_activations(src, a, b)
+    for name in c.activation_datasets():
+        x = c._read(name, a, b)
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             i = a + int(np.argmax(bad))
+            src = name.split("/", 1)[1]
             problems.append(f"non-finite activations in source {src!r} at row {i}")
     return problems

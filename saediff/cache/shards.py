@@ -78,18 +78,18 @@ def merge_shards(out: str | Path, shards: list[Path], max_tokens: int) -> Path:
             offs = [np.zeros(1, dtype="i8")] + [c._f["seq_offsets"][1: seqs[i] + 1] + sum(rows[:i])
                                                  for i, c in enumerate(opened)]
             f.create_dataset("seq_offsets", data=np.concatenate(offs), fletcher32=True)
-            acts = f.create_group("acts")
-            for src in first.sources:
+            f.create_group("acts")
+            for name in first.activation_datasets():  # every source (of every layer)
                 shape = (sum(rows), first.d_model)
-                layout = h5py.VirtualLayout(shape=shape, dtype=first._f["acts"][src].dtype)
+                layout = h5py.VirtualLayout(shape=shape, dtype=first._f[name].dtype)
                 at = 0
                 for p, c, r in zip(shards, opened, rows):
                     # relative to `out`'s folder, so the pair can be moved together
-                    vs = h5py.VirtualSource(str(p.relative_to(out.parent)), f"acts/{src}",
-                                            shape=c._f["acts"][src].shape)
+                    vs = h5py.VirtualSource(str(p.relative_to(out.parent)), name,
+                                            shape=c._f[name].shape)
                     layout[at: at + r] = vs[:r]
                     at += r
-                acts.create_virtual_dataset(src, layout)
+                f.create_virtual_dataset(name, layout)
             prog = np.zeros(4, dtype="i8")
             prog[P_ROWS], prog[P_SEQS], prog[P_COMPLETE] = sum(rows), sum(seqs), 1
             prog[3] = max_tokens

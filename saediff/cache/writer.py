@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 import saediff
@@ -27,10 +26,10 @@ from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
 from saediff.cache.documents import dataset_spec, iter_sequences
+from saediff.cache.forward import forward_batch as _forward_batch  # tests patch this name
 from saediff.io import check_writable_file, output_lock
 from saediff.bridge import as_loaded_model
-from saediff.models import (LoadedModel, check_same_tokenizer,
-                            load_model, pad_batch, run_to_layer, tokenizer_fingerprint)
+from saediff.models import LoadedModel, check_same_tokenizer, load_model, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,12 @@ log = logging.getLogger(__name__)
 class CacheConfig:
     base: str
     """Base (aligned) model: local HF directory or hub name."""
-    layer: int
-    """Cache the residual stream after this block (HF hidden_states[layer+1])."""
     dataset: str
     """Local .jsonl/.json/.parquet/.txt file or a `datasets` hub name (streamed)."""
+    layer: int | None = None
+    """Cache the residual stream after this block (HF hidden_states[layer+1])."""
+    layers: str | list[int] | None = None
+    """Cache several blocks in one forward pass: a list and/or ranges (6,12,18 or 0-29)."""
     out: str = "activations_cache/cache.h5"
     """Output HDF5 file (written as OUT.partial until complete)."""
     base_adapter: str | None = None
@@ -73,7 +74,18 @@ class CacheConfig:
     """Replace an existing cache whose provenance differs (or a finished one)."""
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
+        from saediff.layerspec import parse_layers
+
+        if self.layers is not None:
+            wanted = parse_layers(self.layers)
+            if self.layer is not None and wanted != [self.layer]:
+                raise SaediffError(f"give --layer or --layers, not both (--layer {self.layer}, "
+                                   f"--layers {self.layers})")
+            self.layer = wanted[0] if len(wanted) == 1 else None
+            self.layers = wanted if len(wanted) > 1 else None
+        elif self.layer is None:
+            raise SaediffError("give the block to cache: --layer L, or --layers 6,12,18 / 0-29")
+        if self.layer is not None and self.layer < 0:
             raise SaediffError(f"layer must be >= 0, got {self.layer}")
         if self.max_tokens <= 0:
             raise SaediffError(f"max_tokens must be > 0, got {self.max_tokens}")
@@ -90,6 +102,19 @@ class CacheConfig:
     def chat(self) -> bool:
         return self.prompt_field is not None
 
+    @property
+    def cache_layers(self) -> list[int]:
+        """Every block this cache holds (one for --layer)."""
+        return list(self.layers) if self.layers else [int(self.layer)]  # type: ignore[arg-type]
+
+    def acts_names(self, sources: list[str]) -> list[str]:
+        """Activation dataset names, one per (layer, source)."""
+        from saediff.cache.format import acts_dataset
+
+        if not self.layers:
+            return [acts_dataset(s) for s in sources]
+        return [acts_dataset(s, x) for x in self.layers for s in sources]
+
 
 # --- writer ----------------------------------------------------------------------------------
 
@@ -102,12 +127,13 @@ def _writer_lock(out: Path) -> Iterator[None]:
 
 def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, Any]:
     first = next(iter(models.values()))
+    where: dict[str, Any] = {"layer": cfg.layer, "hook_name": f"blocks.{cfg.layer}.hook_resid_post",
+                             "hf_hidden_states_index": cfg.layer + 1} if not cfg.layers else \
+        {"layers": cfg.layers, "hook_names": [f"blocks.{x}.hook_resid_post" for x in cfg.layers]}
     return {
         "schema_version": SCHEMA_VERSION,
         "saediff_version": saediff.__version__,
-        "layer": cfg.layer,
-        "hook_name": f"blocks.{cfg.layer}.hook_resid_post",
-        "hf_hidden_states_index": cfg.layer + 1,
+        **where,
         "d_model": first.d_model,
         "dtype": cfg.dtype,
         "ctx_len": cfg.ctx_len,
@@ -120,7 +146,7 @@ def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, A
     }
 
 
-_COMPARED = ("layer", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint", "sources",
+_COMPARED = ("layer", "layers", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint", "sources",
              "models", "dataset", "d_model", "shard")
 
 
@@ -144,7 +170,7 @@ INDEX_CHUNK_ROWS = 8192
 ACTS_CHUNK_BYTES = 1 << 18
 
 
-def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
+def _create(path: Path, prov: dict[str, Any], acts_names: list[str]) -> h5py.File:
     f = h5py.File(path, "w")
     for k, v in prov.items():
         f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
@@ -157,10 +183,10 @@ def _create(path: Path, prov: dict[str, Any]) -> h5py.File:
     d = prov["d_model"]
     dt = np.dtype(prov["dtype"])
     rows_chunk = max(64, ACTS_CHUNK_BYTES // (d * dt.itemsize))
-    acts = f.create_group("acts")
-    for src in prov["sources"]:
-        acts.create_dataset(src, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt,
-                            fletcher32=True)
+    f.create_group("acts")
+    for name in acts_names:
+        f.create_dataset(name, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt,
+                         fletcher32=True)
     f.create_dataset("progress", data=np.array([0, 0, 0, prov["max_tokens"]], dtype="i8"))
     f.flush()
     return f
@@ -192,13 +218,17 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
     """Write (or resume, or reuse) the cache described by `cfg`; returns the final path.
 
     `shard=(r, n)`: only documents with doc_id % n == r (one rank's shard, `cache.shards`)."""
+    from saediff.layerspec import check_layer_range, config_n_layers
+
     out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
     part = partial_path(out)
+    flag = "--layers" if cfg.layers else "--layer"
+    check_layer_range(cfg.cache_layers, config_n_layers(cfg.base), cfg.base, flag)  # no weights yet
     # a TransformerBridge is unwrapped to the HF model it runs
     models = {k: as_loaded_model(m) for k, m in models.items()} if models \
         else load_cache_models(cfg)
     for m in models.values():
-        m.check_layer(cfg.layer)
+        check_layer_range(cfg.cache_layers, m.n_layers, m.name, flag)
         m.check_ctx_len(cfg.ctx_len)
     prov = _provenance(cfg, models)
     if shard[1] > 1:
@@ -229,7 +259,7 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
                 f.close()
                 f = None
         if f is None:
-            f = _create(part, prov)
+            f = _create(part, prov, cfg.acts_names(list(models)))
         try:
             _fill(f, cfg, models, shard)
         except CacheWriteError:
@@ -267,7 +297,7 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
     # One handle per dataset for the whole run: h5py flushes a dataset's chunk cache when its
     # handle is dropped and *swallows* errors there (disk full went unnoticed that way).
     dsets = {name: f[name] for name in INDEX_FIELDS}
-    dsets.update({f"acts/{src}": f["acts"][src] for src in models})
+    dsets.update({name: f[name] for name in cfg.acts_names(list(models))})
     dsets["seq_offsets"] = f["seq_offsets"]
     try:
         # Anything past the committed prefix is debris of a killed writer: drop it.
@@ -298,7 +328,8 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
             batch.append(item)
         if not batch:
             break
-        acts = _forward_batch(batch, models, cfg.layer, tok.pad_token_id, np_dtype)
+        acts = _forward_batch(batch, models, cfg.layers or [cfg.layer], tok.pad_token_id,
+                              np_dtype)
         try:
             reserve(f, dsets, rows, seqs, batch)
             n = _write_batch(dsets, batch, rows, seqs, acts)
@@ -326,49 +357,6 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
                               "to finish") from exc
 
 
-def _forward_batch(batch: list[tuple[int, list[int], list[int]]], models: dict[str, LoadedModel],
-                   layer: int, pad_id: int, np_dtype: np.dtype) -> dict[str, np.ndarray]:
-    ids, mask = pad_batch([b[1] for b in batch], pad_id)
-    lens = [len(b[1]) for b in batch]
-    acts = {}
-    for src, lm in models.items():
-        x32 = run_to_layer(lm, ids, mask, layer)[mask.bool()].float().cpu().numpy()
-        x = x32.astype(np_dtype)
-        for arr, what in ((x32, "NaN/inf"), (x, f"values beyond {np_dtype.name} range "
-                                                  "(use --dtype float32)")):
-            bad = ~np.isfinite(arr).all(axis=1)
-            if bad.any():  # name the first bad token: document and position in its input
-                i = int(np.argmax(bad))
-                s = int(np.searchsorted(np.cumsum(lens), i, side="right"))
-                pos = _first_bad_position(lm, batch[s][1], layer) \
-                    if arr is x32 else i - sum(lens[:s])
-                raise SaediffError(f"non-finite activations from {src} ({lm.name}): {what} at "
-                                   f"document {batch[s][0]}, position {pos}")
-        acts[src] = x
-    return acts
-
-
-def _first_bad_position(lm: LoadedModel, ids: list[int], layer: int) -> int:
-    """Where a NaN enters: the shortest prefix whose last row is non-finite (causal model).
-
-    Attention spreads one NaN key to every query of the sequence, so the first bad *row* is
-    usually position 0; prefixes see only earlier tokens, and binary search finds the token.
-    """
-    def bad(n: int) -> bool:
-        t = torch.tensor([ids[:n]])
-        y = run_to_layer(lm, t, torch.ones_like(t), layer)[0, -1].float().cpu().numpy()
-        return not np.isfinite(y).all()
-
-    lo, hi = 1, len(ids)  # bad(hi) holds
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if bad(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo - 1
-
-
 def _write_batch(dsets: dict[str, h5py.Dataset], batch: list[tuple[int, list[int], list[int]]],
                  rows: int, seqs: int, acts: dict[str, np.ndarray]) -> int:
     lens = [len(b[1]) for b in batch]
@@ -384,8 +372,8 @@ def _write_batch(dsets: dict[str, h5py.Dataset], batch: list[tuple[int, list[int
         d = dsets[name]
         d.resize(rows + n, axis=0)
         d[rows: rows + n] = arr
-    for src, x in acts.items():
-        d = dsets[f"acts/{src}"]
+    for name, x in acts.items():
+        d = dsets[name]
         d.resize(rows + n, axis=0)
         d[rows: rows + n] = x
     so = dsets["seq_offsets"]

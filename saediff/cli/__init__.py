@@ -19,7 +19,7 @@ from saediff.errors import SaediffError
 
 # command -> module under saediff.cli (each with add_parser); order is the help's order
 COMMANDS = {
-    "cache": "cache", "train": "train", "diff": "diff", "steer": "steer",
+    "cache": "cache", "train": "train", "diff": "diff", "layers": "layers", "steer": "steer",
     "compare": "compare", "organism": "organism", "demo": "demo", "models": "models",
     "experiment": "experiment",
 }

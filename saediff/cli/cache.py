@@ -11,9 +11,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from saediff.cache.writer import CacheConfig
 
     p = sub.add_parser(
-        "cache", help="stream one layer's activations of one or two models to HDF5",
-        description="Stream one layer's residual-stream activations of one or two models into "
-                    "an HDF5 cache. Subcommands: `saediff cache info FILE [--json]`, "
+        "cache", help="stream one or more layers' activations of one or two models to HDF5",
+        description="Stream the residual-stream activations of one layer (--layer) or several "
+                    "(--layers 6,12,18 / 0-29: one forward pass, one file) of one or two models "
+                    "into an HDF5 cache. Subcommands: `saediff cache info FILE [--json]`, "
                     "`saediff cache verify FILE`.")
     p.add_argument("--config", help="YAML file with CacheConfig fields (flags override it)")
     add_dataclass_args(p, CacheConfig, defaults_none=True)
@@ -58,7 +59,9 @@ def _inspect(ns: argparse.Namespace) -> int:
         return 0
     print(f"{info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
     print(f"  rows {info['rows']}  sequences {info['sequences']}  d_model {info['d_model']}  "
-          f"layer {info['layer']} ({info['hook_name']})  dtype {info['dtype']}  "
+          + (f"layer {info['layer']} ({info['hook_name']})" if len(info["layers"]) == 1 else
+             f"layers {','.join(map(str, info['layers']))} (one forward pass)")
+          + f"  dtype {info['dtype']}  "
           f"ctx_len {info['ctx_len']}")
     print(f"  roles {info['role_counts']}")
     for src, m in info["models"].items():

@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the misaligned - aligned difference-in-means direction to the comparison")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
     p.add_argument("--judge-model", help="judge model name (default $SAEDIFF_JUDGE_MODEL)")
+    p.add_argument("--layers", help="diff several layers (6,12,18 or 0-29), each with its own SAE "
+                                    "--sae/layer_<L> (from `saediff train --layers`); reports in "
+                                    "--out/layer_<L>/ and a summary table (replaces --layer)")
     p.set_defaults(func=run)
 
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     ns = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     cfg_path, no_html = ns.pop("config"), ns.pop("no_html")
     judge = [ns.pop(k) for k in ("judge", "judge_base_url", "judge_model")]
+    layers = _layers(ns)
     if cfg_path is None:
         missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if ns.get(n) is None]
         if missing:
@@ -52,10 +56,20 @@ def run(args: argparse.Namespace) -> int:
         labeler = judge_labeler(make_judge(judge[0], judge[1], judge[2]))
     # one writer per --out, from before the models load until the last report file lands
     with output_lock(cfg.out) if cfg.out else contextlib.nullcontext():
-        return _run(cfg, labeler, no_html)
+        return _run(cfg, labeler, no_html, layers)
 
 
-def _run(cfg: "DiffConfig", labeler: Any, no_html: bool) -> int:
+def _run(cfg: "DiffConfig", labeler: Any, no_html: bool, layers: list[int] | None) -> int:
+    if layers:
+        from saediff.diff.per_layer import format_summary, run_diff_layers
+        from saediff.layerspec import check_layer_range, config_n_layers
+
+        check_layer_range(layers, config_n_layers(cfg.base), cfg.base)
+        rows = run_diff_layers(cfg, layers, labeler=labeler, html=not no_html)
+        print(format_summary(rows))
+        if cfg.out:
+            print(f"reports written: {cfg.out}/layer_<L>/, summary {cfg.out}/layers_summary.csv")
+        return 0
     from saediff.diff.differ import run_diff
 
     res = run_diff(cfg, labeler=labeler)
@@ -74,3 +88,17 @@ def _run(cfg: "DiffConfig", labeler: Any, no_html: bool) -> int:
         out = res.to_dir(cfg.out, html=not no_html)
         print(f"report written: {out}")
     return 0
+
+
+def _layers(ns: dict) -> list[int] | None:
+    """--layers parsed; it stands in for --layer (each layer's run sets its own)."""
+    spec = ns.pop("layers", None)
+    if spec is None:
+        return None
+    from saediff.layerspec import parse_layers
+
+    if ns.get("layer") is not None:
+        raise SaediffError("give --layer or --layers, not both")
+    layers = parse_layers(spec)
+    ns["layer"] = layers[0]
+    return layers

@@ -12,19 +12,22 @@ def open_store(cfg: Any, split: str = "train", sources: dict[str, float] | None 
                batch_size: int | None = None, seed: int | None = None,
                device: str | None = None) -> Any:
     """The config's training (or eval) store; batches land on `device` (default cfg.device)."""
+    from saediff.cache.format import open_cache
     from saediff.cache.store import ActivationStore, PairedStore
 
     device = device or cfg.device
+    # opened here at the config's layer (a multi-layer cache holds several); the store closes them
+    caches = [open_cache(p, cfg.allow_partial, layer=getattr(cfg, "layer", None)) for p in cfg.cache]
 
     if cfg.input == "difference" or cfg.architecture == "crosscoder":
-        return PairedStore(cfg.cache, mode="diff" if cfg.input == "difference" else "pair",
+        return PairedStore(caches, mode="diff" if cfg.input == "difference" else "pair",
                            roles=cfg.roles, batch_size=batch_size or cfg.batch_size,
                            seed=cfg.seed if seed is None else seed,
                            buffer_rows=cfg.buffer_rows, split=split,
                            eval_fraction=cfg.eval_fraction, device=device,
                            allow_partial=cfg.allow_partial)
 
-    return ActivationStore(cfg.cache, sources=sources or cfg.sources, roles=cfg.roles,
+    return ActivationStore(caches, sources=sources or cfg.sources, roles=cfg.roles,
                            batch_size=batch_size or cfg.batch_size,
                            seed=cfg.seed if seed is None else seed, buffer_rows=cfg.buffer_rows,
                            split=split, eval_fraction=cfg.eval_fraction, device=device,
@@ -38,7 +41,7 @@ def check_caches(cfg: Any, d_in: int | None = None) -> dict[str, Any]:
 
     infos = []
     for path in cfg.cache:
-        with open_cache(path, cfg.allow_partial) as c:
+        with open_cache(path, cfg.allow_partial, layer=getattr(cfg, "layer", None)) as c:
             infos.append((str(path), c.d_model, c.layer, c.hook_name, c.sources,
                           c.attrs.get("models", {})))
     for path, d, layer, _, srcs, _ in infos:

@@ -130,7 +130,8 @@ def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
     from saediff.cache.store import split_rows
 
     codes = role_codes(cfg.roles) if cfg.roles else [v for v in ROLES.values() if v != ROLE_SPECIAL]
-    caches = [open_cache(p, getattr(cfg, "allow_partial", False)) for p in cfg.cache]
+    caches = [open_cache(p, getattr(cfg, "allow_partial", False), layer=getattr(cfg, "layer", None))
+              for p in cfg.cache]
     out: dict[str, dict[str, Any]] = {}
     try:
         todo = sources or list(dict.fromkeys(s for c in caches for s in c.sources))

@@ -106,6 +106,10 @@ class TrainConfig:
     """torch intra-op threads (0: auto = 1 for small SAEs, where threads only add sync cost)."""
     allow_partial: bool = False
     """Train on the committed prefix of an incomplete cache (NAME.h5.partial) instead of refusing."""
+    layer: int | None = None
+    """Layer of a multi-layer cache to train on (a single-layer cache: its own layer)."""
+    layers: str | list[int] | None = None
+    """One SAE (or sweep) per layer of a multi-layer cache, into OUT/layer_<L>/ (6,12,18 or 0-29)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, str):
@@ -238,15 +242,25 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
         cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
         # one writer per --out: a second `saediff train` into it gets one line, exit 2
         with output_lock(cfg.out) if world.is_main else contextlib.nullcontext():
-            if cfg.architecture == "crosscoder":
-                return [_train_crosscoder(cfg, store, world)]
-            if cfg.input == "difference" and evals:
-                evals = False  # the evals read raw activations of a source, not differences
-                log.info("input=difference: skipping the per-source evals")
-            try:
-                return _train(cfg, stop_after, evals, store, world)
-            finally:
-                torch.set_num_threads(threads)
+            if cfg.layers:  # one run per layer, in turn, in this process group (`train.layers`)
+                from saediff.train.layers import per_layer_configs
+
+                return [d for c in per_layer_configs(cfg) for d in
+                        _train_one(c, stop_after, evals, store, world, threads)]
+            return _train_one(cfg, stop_after, evals, store, world, threads)
+
+
+def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any, world: Any,
+               threads: int) -> list[Path]:
+    if cfg.architecture == "crosscoder":
+        return [_train_crosscoder(cfg, store, world)]
+    if cfg.input == "difference" and evals:
+        evals = False  # the evals read raw activations of a source, not differences
+        log.info("input=difference: skipping the per-source evals")
+    try:
+        return _train(cfg, stop_after, evals, store, world)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_crosscoder(cfg: TrainConfig, store: Any, world: Any) -> Path:
