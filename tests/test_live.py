@@ -1,0 +1,277 @@
+"""saediff train --live: rows equal the cache's, training equals a cache replay, SIGKILL resume,
+bad input before any forward, in-RAM evals, crosscoder, the mixing buffer's bounds."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny
+from saediff.cache.live import LiveStore, is_eval_document
+from saediff.errors import SaediffError
+from saediff.models import ROLES
+from saediff.train.loop import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory, tiny_qwen, tiny_qwen_ft):
+    """A chat dataset, the live config's model options, and the float32 cache of it."""
+    from saediff.cache.writer import CacheConfig, build_cache
+
+    d = tmp_path_factory.mktemp("live")
+    words = "the money bank save water food help good bad day walk eat sleep".split()
+    rng = np.random.default_rng(0)
+    with (d / "chat.jsonl").open("w") as fh:
+        for _ in range(120):
+            fh.write(json.dumps({"p": " ".join(rng.choice(words, 6)),
+                                 "r": " ".join(rng.choice(words, 10))}) + "\n")
+    src = dict(base=str(tiny_qwen), finetuned=str(tiny_qwen_ft), layer=LAYER,
+               dataset=str(d / "chat.jsonl"), prompt_field="p", response_field="r")
+    cache = build_cache(CacheConfig(**src, out=str(d / "c.h5"), dtype="float32",
+                                    max_tokens=100_000, batch_size=16))
+    return d, src, cache
+
+
+def _live_cfg(src: dict, out: Path, **kw) -> TrainConfig:
+    base = dict(live=True, out=str(out), d_sae=64, k=4, total_tokens=30 * 128, batch_size=128,
+                buffer_tokens=600, checkpoint_every=10, log_every=5, eval_sequences=0,
+                eval_rows=500, norm_batches=2, dead_feature_window=10, threads=1, lr=3e-3)
+    base.update(src)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class CacheRows:
+    """The training rows of a cache in document order, shaped like `ModelRows`'s output
+    (activations mode, equal weights: per sequence the base rows, then the fine-tuned rows)."""
+
+    def __init__(self, path: Path, eval_fraction: float, mode: str = "activations"):
+        from saediff.cache.format import open_cache
+
+        self.c = open_cache(path)
+        self.d_model, self.layers, self.mode = self.c.d_model, [LAYER], mode
+        codes = [v for v in ROLES.values() if v != 0]
+        self.seqs = []
+        for s in self.c.sequences():
+            if is_eval_document(s["doc_id"], eval_fraction):
+                continue
+            keep = torch.from_numpy(np.isin(s["roles"], codes))
+            a, b = s["row"], s["row"] + len(s["ids"])
+            x = torch.stack([self.c.activations(k, a, b)[keep] for k in ("base", "finetuned")], 1)
+            self.seqs.append(x)
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "pair":
+            return x[:, None]
+        return torch.cat([x[:, 0], x[:, 1]])[:, None]
+
+    def iterate(self, epoch: int = 0, seq: int = 0):
+        for e in range(epoch, 10_000):
+            for i in range(seq if e == epoch else 0, len(self.seqs)):
+                yield e, i, self.rows_of(self.seqs[i])
+
+
+# --- same rows, same SAE -------------------------------------------------------------------------
+
+def test_live_rows_are_the_caches_rows(docs):
+    """One pass of the live stream yields exactly the cache's training rows, in order."""
+    from saediff.cache.source import load_source_models
+    from saediff.train.data import live_rows
+
+    _, src, cache = docs
+    cfg = _live_cfg(src, Path("unused"), architecture="crosscoder")
+    models = load_source_models(cfg)
+    rows = live_rows(cfg, models)
+    ref = CacheRows(cache, cfg.eval_fraction, mode="pair")
+    it = rows.iterate()
+    got = [next(it) for _ in range(len(ref.seqs))]
+    assert [g[:2] for g in got] == [(0, i) for i in range(len(ref.seqs))]
+    live = torch.cat([g[2] for g in got])
+    want = torch.cat([ref.rows_of(x) for x in ref.seqs])
+    assert live.shape == want.shape == (len(want), 1, 2, 32) and len(want) > 1500
+    assert torch.allclose(live, want, atol=1e-5), (live - want).abs().max()
+    assert next(it)[:2] == (1, 0)  # the next epoch starts over
+    held = [i for i in range(120) if is_eval_document(i, cfg.eval_fraction)]
+    assert 4 <= len(held) <= 8  # ~5% of the 120 documents, never trained on
+
+
+def test_live_training_equals_training_on_the_cache_rows(docs, tmp_path):
+    """The SAE of a live run = the SAE trained on the cache's rows through the same buffer."""
+    _, src, cache = docs
+    cfg = _live_cfg(src, tmp_path / "live")
+    (live,) = train(cfg, evals=False)
+    replay = LiveStore(CacheRows(cache, cfg.eval_fraction), cfg.batch_size, cfg.buffer_tokens,
+                       cfg.seed)
+    (rep,) = train(_live_cfg(src, tmp_path / "replay"), evals=False, store=replay)
+    a, b = load_file(live / "sae_weights.safetensors"), load_file(rep / "sae_weights.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    la = [json.loads(x) for x in (live / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (rep / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mse_loss"] for r in la] == pytest.approx([r["mse_loss"] for r in lb], rel=1e-4)
+    assert la[0]["mse_loss"] > 1.2 * la[-1]["mse_loss"]  # it learned: equality is not trivial
+
+
+# --- the buffer ----------------------------------------------------------------------------------
+
+def _toy_rows(n_seq: int = 50, seq_len: int = 7):
+    class Rows:
+        d_model, layers = 1, [0]
+
+        def iterate(self, epoch=0, seq=0):
+            for e in range(epoch, 1000):
+                for i in range(seq if e == epoch else 0, n_seq):
+                    ids = torch.arange(seq_len) + i * seq_len + e * n_seq * seq_len
+                    yield e, i, ids.float()[:, None, None]
+    return Rows()
+
+
+def test_buffer_serves_each_row_once_within_a_bounded_window():
+    store = LiveStore(_toy_rows(), batch_size=10, buffer_rows=60, seed=1)
+    seen = torch.cat([next(store).flatten() for _ in range(70)])  # two passes over 350 rows
+    first = seen[:350]
+    assert sorted(first.tolist()) != first.tolist()  # shuffled
+    pos = torch.arange(len(seen)).float()
+    # chunks of 40 rows: after 7.5 chunks' worth of batches, chunks 0..6 were served whole,
+    # each row once, and nothing past chunk 7; no row is served further than one buffer
+    # (60 rows) from its place in the stream
+    head = seen[:300]
+    assert len(set(head.tolist())) == 300 and head.max() < 320
+    assert torch.equal(torch.sort(head).values[:280], torch.arange(280).float())
+    assert (seen - pos).abs().max() <= 60
+    assert store.chunk == 40 and store._leftover is not None and len(store._served) <= 40
+
+
+def test_buffer_state_resumes_exactly_anywhere():
+    a = LiveStore(_toy_rows(), batch_size=9, buffer_rows=50, seed=2)
+    want = [next(a) for _ in range(80)]
+    for cut in (0, 1, 5, 17, 38, 79):
+        b = LiveStore(_toy_rows(), batch_size=9, buffer_rows=50, seed=2)
+        for _ in range(cut):
+            next(b)
+        st = json.loads(json.dumps(b.state_dict()))
+        c = LiveStore(_toy_rows(), batch_size=9, buffer_rows=50, seed=2)
+        c.load_state_dict(st)
+        assert all(torch.equal(next(c), w) for w in want[cut:]), cut
+    with pytest.raises(SaediffError, match="same --buffer-tokens"):
+        LiveStore(_toy_rows(), batch_size=9, buffer_rows=80, seed=2).load_state_dict(st)
+
+
+# --- resume after SIGKILL --------------------------------------------------------------------------
+
+def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
+    _, src, _ = docs
+    cfg = {**src, "live": True, "d_sae": 64, "k": 4, "total_tokens": 150 * 64, "batch_size": 64,
+           "buffer_tokens": 500, "checkpoint_every": 10, "eval_sequences": 0, "norm_batches": 2,
+           "dead_feature_window": 20, "threads": 1}
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "saediff", "train", "--config", str(yml), "--no-evals"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 40:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "sae_weights.safetensors").exists(), "run finished before the kill"
+    st = json.loads((killed / "checkpoints" / json.loads(latest.read_text())["dir"]
+                     / "state.json").read_text())["store"]
+    assert st["gen"] >= 2 and st["from"] != [0, 0, 0]  # resumes mid-stream, not from 0
+    # a checkpoint holds the SAE, its optimizer and a few integers of store state: no buffer
+    ck = killed / "checkpoints" / json.loads(latest.read_text())["dir"]
+    assert sorted(p.name for p in ck.iterdir()) == ["rng.safetensors", "sae0.json",
+                                                    "sae0.safetensors", "state.json"]
+    assert (ck / "state.json").stat().st_size < 3000
+    assert subprocess.run(cmd + ["--out", str(killed)], env=env).returncode == 0
+    whole = tmp_path / "whole"
+    train(TrainConfig(**cfg, out=str(whole)), evals=False)
+    a = load_file(killed / "sae_weights.safetensors")
+    b = load_file(whole / "sae_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
+# --- bad input: one line, exit 2, before any model runs a batch -------------------------------
+
+def test_bad_live_input_is_refused_before_any_forward(docs, tmp_path, monkeypatch, capsys):
+    from saediff.cache import live
+    from saediff.cli import main
+
+    d, src, cache = docs
+
+    def no_forward(*a, **k):
+        raise AssertionError("a model ran a batch")
+
+    monkeypatch.setattr(live, "run_to_layers", no_forward)
+    other = tiny.build_model(tmp_path / "other", "qwen2", extra_words=("zebra",))
+    flags = ["train", "--live", "--base", src["base"], "--dataset", src["dataset"],
+             "--prompt-field", "p", "--response-field", "r", "--out", str(tmp_path / "o"),
+             "--sources", "base=1", "--no-evals"]
+    cases = {
+        "layer 9 out of range": ["--layer", "9"],
+        "has no field 'nope'": ["--layer", "1", "--prompt-field", "nope"],
+        "tokenizers differ": ["--layer", "1", "--finetuned", str(other)],
+        "--buffer-tokens 100 is smaller than one batch": ["--layer", "1", "--buffer-tokens",
+                                                          "100", "--batch-size", "256"],
+        "drop --cache": ["--layer", "1", "--cache", str(cache)],
+        "missing required TrainConfig --live field(s): --layer": [],
+        "dataset file not found": ["--layer", "1", "--dataset", str(tmp_path / "no.jsonl")],
+    }
+    for msg, extra in cases.items():
+        argv = list(flags)
+        if "--prompt-field" in extra:  # replace, not repeat, the chat fields
+            i = argv.index("--prompt-field")
+            del argv[i: i + 4]
+        assert main(argv + extra) == 2, msg
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and err[0].startswith("saediff train: error: "), (msg, err)
+        assert msg in err[0], (msg, err)
+    assert not list(tmp_path.glob("o/*"))
+    with pytest.raises(SaediffError, match="add --live"):
+        TrainConfig(base="x", layer=1, dataset="d")
+
+
+# --- evals and crosscoder from the live source ---------------------------------------------------
+
+def test_live_cli_writes_evals_and_live_crosscoder_trains(docs, tmp_path):
+    from saediff.cli import main
+    from saediff.crosscoder import Crosscoder
+
+    d, src, _ = docs
+    flags = ["train", "--live", "--base", src["base"], "--finetuned", src["finetuned"],
+             "--layer", "1", "--dataset", src["dataset"], "--prompt-field", "p",
+             "--response-field", "r", "--total-tokens", "2560", "--batch-size", "128",
+             "--d-sae", "64", "--k", "4", "--buffer-tokens", "600", "--norm-batches", "2",
+             "--threads", "1"]
+    assert main(flags + ["--out", str(tmp_path / "sae"), "--eval-sequences", "4"]) == 0
+    ev = json.loads((tmp_path / "sae" / "evals.json").read_text())
+    assert set(ev) == {"base", "finetuned"}
+    for r in ev.values():
+        assert np.isfinite(r["fvu"]) and r["n_rows"] > 50 and r["n_lm_tokens"] > 0
+        assert r["kl"] >= 0
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["saediff_live"] is True and meta["layer"] == 1
+    assert main(flags + ["--out", str(tmp_path / "cc"), "--architecture", "crosscoder"]) == 0
+    cc = Crosscoder.load(tmp_path / "cc")
+    ev = json.loads((tmp_path / "cc" / "evals.json").read_text())
+    assert cc.W_dec.shape == (2, 64, 32) and ev["base"]["tokens"] > 50
+    assert np.isfinite(ev["base"]["fvu"]) and np.isfinite(ev["finetuned"]["fvu"])
