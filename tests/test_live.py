@@ -174,7 +174,7 @@ def test_buffer_state_resumes_exactly_anywhere():
 
 def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
     _, src, _ = docs
-    cfg = {**src, "live": True, "d_sae": 64, "k": 4, "total_tokens": 150 * 64, "batch_size": 64,
+    cfg = {**src, "live": True, "d_sae": 64, "k": 4, "total_tokens": 100 * 64, "batch_size": 64,
            "buffer_tokens": 500, "checkpoint_every": 10, "eval_sequences": 0, "norm_batches": 2,
            "dead_feature_window": 20, "threads": 1}
     yml = tmp_path / "cfg.yaml"
@@ -186,7 +186,7 @@ def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 40:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 30:
             break
         time.sleep(0.02)
     time.sleep(0.1)
@@ -275,3 +275,116 @@ def test_live_cli_writes_evals_and_live_crosscoder_trains(docs, tmp_path):
     ev = json.loads((tmp_path / "cc" / "evals.json").read_text())
     assert cc.W_dec.shape == (2, 64, 32) and ev["base"]["tokens"] > 50
     assert np.isfinite(ev["base"]["fvu"]) and np.isfinite(ev["finetuned"]["fvu"])
+
+
+# --- bfloat16: a massive activation survives, float16 refuses it in one line ---------------------
+
+@pytest.fixture(scope="module")
+def massive(tiny_qwen):
+    """The tiny model with one residual entry of 1e5 on every `bank` token (float16 max 65504)."""
+    from saediff.models import load_model
+
+    lm = load_model(tiny_qwen)
+    with torch.no_grad():
+        lm.model.model.embed_tokens.weight[lm.tokenizer.convert_tokens_to_ids("bank"), 3] = 1e5
+    return lm
+
+
+def test_bfloat16_cache_keeps_a_massive_activation(docs, massive, tmp_path):
+    import warnings
+
+    from saediff.cache.format import open_cache, verify_cache
+    from saediff.cache.store import ActivationStore
+    from saediff.cache.writer import CacheConfig, build_cache
+
+    _, src, _ = docs
+    kw = dict(base=src["base"], layer=LAYER, dataset=src["dataset"], prompt_field="p",
+              response_field="r", max_tokens=600)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SaediffError, match=r"values beyond float16 range \(use --dtype "
+                                               r"bfloat16 or float32\) at document \d+"):
+            build_cache(CacheConfig(**kw, out=str(tmp_path / "f16.h5")), models={"base": massive})
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    f32 = build_cache(CacheConfig(**kw, out=str(tmp_path / "f32.h5"), dtype="float32"),
+                      models={"base": massive})
+    bf = build_cache(CacheConfig(**kw, out=str(tmp_path / "bf.h5"), dtype="bfloat16"),
+                     models={"base": massive})
+    with open_cache(f32) as a, open_cache(bf) as b:
+        x, y = a.activations("base"), b.activations("base")
+        assert b._f["acts/base"].dtype == np.uint16
+        assert b._f["acts/base"].attrs["saediff_dtype"] == "bfloat16" and b.dtype == "bfloat16"
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        assert x.abs().max() > 9e4 and y.abs().max() > 9e4  # the planted value is there
+        assert ((y - x).abs() <= x.abs() * 2 ** -8 + 1e-30).all()  # bf16 rounding, no more
+        assert torch.equal(y, x.to(torch.bfloat16).float())     # exactly round-to-nearest
+        assert (y != x).any()
+    assert verify_cache(bf) == []
+    st = ActivationStore(bf, sources=["base"], roles=["prompt", "response"], batch_size=64)
+    batches = torch.cat([next(st) for _ in range(8)])
+    assert batches.dtype == torch.float32 and batches.abs().max() > 9e4
+    st.close()
+
+
+def test_bfloat16_live_buffer_rounds_like_the_cache(docs, massive):
+    from saediff.train.data import live_rows
+
+    _, src, _ = docs
+    rows = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = _live_cfg(src, Path("unused"), dtype=dt, sources={"base": 1.0})
+        rows[dt] = torch.cat([r for _, _, r in
+                              (x for x, _ in zip(live_rows(cfg, {"base": massive}).iterate(),
+                                                 range(20)))])
+    assert rows["bfloat16"].dtype == torch.bfloat16 and rows["float32"].abs().max() > 9e4
+    assert torch.equal(rows["bfloat16"].float(), rows["float32"].to(torch.bfloat16).float())
+    store = LiveStore(live_rows(_live_cfg(src, Path("unused"), dtype="bfloat16",
+                                          sources={"base": 1.0}), {"base": massive}),
+                      batch_size=64, buffer_rows=300, seed=0)
+    b = next(store)
+    assert b.dtype == torch.float32 and store._served.dtype == torch.bfloat16
+
+
+# --- torchrun: 2 ranks, each running the model on its own documents ------------------------------
+
+class _Concat:
+    """1-rank reference: batch i = rank 0's local batch i, then rank 1's."""
+
+    def __init__(self, stores):
+        self.stores, self.d_model = stores, stores[0].d_model
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return torch.cat([next(s) for s in self.stores])
+
+    def peek_batches(self, n):
+        return [torch.cat(bs) for bs in zip(*(s.peek_batches(n) for s in self.stores))]
+
+    def state_dict(self):
+        return [s.state_dict() for s in self.stores]
+
+
+def test_two_live_ranks_equal_one_rank_fed_both_shares(docs, tmp_path):
+    from saediff.cache.source import load_source_models
+    from saediff.train.data import live_rows
+    from test_train_dist import _assert_same, _torchrun
+
+    _, src, _ = docs
+    cfg = {**src, "live": True, "d_sae": 64, "k": 4, "total_tokens": 16 * 256,
+           "batch_size": 256, "lr": 2e-2, "buffer_tokens": 400, "checkpoint_every": 4,
+           "log_every": 2, "eval_sequences": 0, "norm_batches": 2, "dead_feature_window": 3,
+           "threads": 1, "seed": 3}
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text(yaml.safe_dump(cfg))
+    _torchrun(["-m", "saediff", "train", "--config", str(yml), "--out", str(tmp_path / "two"),
+               "--no-evals"], tmp_path)
+    one_cfg = TrainConfig(**cfg, out=str(tmp_path / "one"))
+    models = load_source_models(one_cfg)
+    ref = _Concat([LiveStore(live_rows(one_cfg, models, shard=(r, 2)), 128, 400, 3)
+                   for r in range(2)])
+    (one,) = train(one_cfg, evals=False, store=ref)
+    _assert_same(one, tmp_path / "two")
+    meta = json.loads((tmp_path / "two" / "cfg.json").read_text())["metadata"]
+    assert meta["saediff_world_size"] == 2

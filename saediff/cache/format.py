@@ -189,8 +189,8 @@ class CacheFile:
         """float32 [stop-start, d_model] for one source."""
         if source not in self.sources:
             raise SaediffError(f"source {source!r} not in {self.path} (sources: {self.sources})")
-        return torch.from_numpy(decode_activations(self.raw_activations(source, start, stop),
-                                                   self.dtype))
+        return torch.from_numpy(self.raw_activations(source, start, stop)
+                                .astype(np.float32, copy=False))
 
     def raw_activations(self, source: str, start: int, stop: int | None = None) -> np.ndarray:
         """Stored float dtype without conversion (bfloat16 words come back as float32)."""
