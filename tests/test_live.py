@@ -378,13 +378,22 @@ def test_two_live_ranks_equal_one_rank_fed_both_shares(docs, tmp_path):
            "threads": 1, "seed": 3}
     yml = tmp_path / "cfg.yaml"
     yml.write_text(yaml.safe_dump(cfg))
-    _torchrun(["-m", "saediff", "train", "--config", str(yml), "--out", str(tmp_path / "two"),
+    two = tmp_path / "two"  # stopped after step 6 (checkpoint at 4), then resumed
+    stop = tmp_path / "stop.py"
+    stop.write_text("import yaml\nfrom saediff.train.loop import TrainConfig, train\n"
+                    f"cfg = TrainConfig(**yaml.safe_load(open({str(yml)!r})), out={str(two)!r})\n"
+                    "train(cfg, evals=False, stop_after=6)\n")
+    _torchrun([str(stop)], tmp_path)
+    st = json.loads((two / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert len(st["store"]["ranks"]) == 2 and st["store"]["ranks"][0]["gen"] >= 1
+    assert not (two / "sae_weights.safetensors").exists()
+    _torchrun(["-m", "saediff", "train", "--config", str(yml), "--out", str(two),
                "--no-evals"], tmp_path)
     one_cfg = TrainConfig(**cfg, out=str(tmp_path / "one"))
     models = load_source_models(one_cfg)
     ref = _Concat([LiveStore(live_rows(one_cfg, models, shard=(r, 2)), 128, 400, 3)
                    for r in range(2)])
     (one,) = train(one_cfg, evals=False, store=ref)
-    _assert_same(one, tmp_path / "two")
-    meta = json.loads((tmp_path / "two" / "cfg.json").read_text())["metadata"]
+    _assert_same(one, two)
+    meta = json.loads((two / "cfg.json").read_text())["metadata"]
     assert meta["saediff_world_size"] == 2

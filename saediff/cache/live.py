@@ -18,6 +18,7 @@ do; the next one reads them again (chunk boundaries, and so the mixing, differ).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -198,6 +199,7 @@ class LiveStore:
         self.layer = self.layers[0]
         self.hook_name = f"blocks.{self.layer}.hook_resid_post"
         self.batches = 0
+        self._rank_states: list[dict[str, Any]] = []
         self._reset((0, 0, 0), 0)
 
     # -- the row stream cut into chunks ---------------------------------------------------------
@@ -288,7 +290,13 @@ class LiveStore:
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Generation being served, offset in it, and where its two chunks start."""
+        """Generation being served, offset in it, and where its two chunks start (under
+        torchrun: every rank's, as gathered by `sync_state`)."""
+        if self.rank_local:
+            return {"ranks": self._rank_states}
+        return self._own_state()
+
+    def _own_state(self) -> dict[str, Any]:
         if self._served is None:  # nothing drawn yet
             return {"batches": self.batches, "gen": -1, "offset": 0, "from_gen": 0,
                     "from": [0, 0, 0], "chunk": self.chunk}
@@ -297,7 +305,32 @@ class LiveStore:
         return {"batches": self.batches, "gen": g, "offset": self._offset, "from_gen": first,
                 "from": list(self._starts[first]), "chunk": self.chunk}
 
+    def sync_state(self) -> None:
+        """Under torchrun (every rank calls it at a checkpoint step): gather every rank's
+        state, so rank 0's `state_dict` holds all of them (each rank reads its own shard)."""
+        if not self.rank_local:
+            return
+        import torch.distributed as tdist
+
+        mine = torch.tensor(list(json.dumps(self._own_state()).encode()), dtype=torch.uint8)
+        n = torch.tensor([len(mine)])
+        tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
+        padded = torch.zeros(int(n), dtype=torch.uint8)
+        padded[: len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, padded)
+        self._rank_states = [json.loads(bytes(p.tolist()).rstrip(b"\0")) for p in parts]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ranks" in state:  # a torchrun checkpoint: this rank's own position
+            from saediff.dist import current
+
+            d = current()
+            if len(state["ranks"]) != d.world_size:
+                raise SaediffError(f"this live checkpoint was written by {len(state['ranks'])} "
+                                   f"ranks; resume it with the same number (now "
+                                   f"{d.world_size}): each rank reads its own documents")
+            state = state["ranks"][d.rank]
         if state.get("chunk") != self.chunk:
             raise SaediffError(f"live store state has chunks of {state.get('chunk')} rows, this "
                                f"buffer makes {self.chunk}: resume with the same --buffer-tokens")

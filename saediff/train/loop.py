@@ -350,6 +350,10 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             for tr in trainers:
                 tr.n_training_steps = step
                 tr.maybe_reset_sparsity()
+            checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
+                or step == cfg.steps
+            if checkpoint and hasattr(store, "sync_state"):
+                store.sync_state()  # a live store under torchrun: every rank's position
             if not world.is_main:
                 continue
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -358,7 +362,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
                         fh.write(json.dumps(tr.metrics(out, step)) + "\n")
                 bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
                                 l0=f"{float(outs[0]['l0']):.1f}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if checkpoint:
                 save_checkpoint(root, step, trainers, store, extra)
                 last_ck = step
             bar.update(1)
