@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER, K, WIDTH, B = 15, 32, 16384, 4096
+LAYER, K, WIDTH = 15, 32, 16384
+B = 4096  # --batch
 
 
 def write_docs(path: Path) -> Path:
@@ -141,9 +142,10 @@ def dir_bytes(p: Path) -> int:
 
 def part23(model: str, docs: Path, tmp: Path, device: str, tokens: int) -> dict:
     common = ["--base", model, "--layer", str(LAYER), "--dataset", str(docs), "--device", device]
-    small = ["--d-sae", "2048", "--k", str(K), "--batch-size", "1024", "--sources", "base=1",
-             "--buffer-tokens", "16384", "--norm-batches", "2", "--no-evals",
-             "--checkpoint-every", "50"]
+    # 1x = 16 batches; the buffer (4 batches) is full well before the 1x run ends
+    small = ["--d-sae", "2048", "--k", str(K), "--batch-size", str(tokens // 16),
+             "--sources", "base=1", "--buffer-tokens", str(tokens // 4), "--norm-batches", "2",
+             "--no-evals", "--checkpoint-every", "8"]
     res = {}
     for mult in (1, 10):
         out = tmp / f"rss{mult}"
@@ -169,24 +171,41 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--generations", type=int, default=3, help="buffer generations timed")
     ap.add_argument("--rss-tokens", type=int, default=16384, help="tokens of the 1x run")
+    ap.add_argument("--batch", type=int, default=4096, help="SAE batch (1024 on a small CPU)")
+    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 1 or 23")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    global B
+    B = args.batch
     from saediff.organism.real import real_base_path
 
     model = str(real_base_path())
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         docs = write_docs(tmp / "docs.jsonl")
-        res = {"device": args.device, "threads": torch.get_num_threads(),
-               "part1": part1(model, docs, tmp, args.device, args.generations),
-               "part23": part23(model, docs, tmp, args.device, args.rss_tokens)}
-    p1, p2 = res["part1"], res["part23"]
+        res = {"device": args.device, "threads": torch.get_num_threads(), "batch": B}
+        if "1" in args.parts:
+            res["part1"] = part1(model, docs, tmp, args.device, args.generations)
+        if "2" in args.parts or "3" in args.parts:
+            res["part23"] = part23(model, docs, tmp, args.device, args.rss_tokens)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"[{args.device}, {res['threads']} threads] SmolLM2 layer {LAYER}, TopK {576}->{WIDTH}"
           f", batch {B}")
+    if "part1" in res:
+        report1(res["part1"])
+    if "part23" in res:
+        report23(res["part23"])
+
+
+def report1(p1: dict) -> None:
     print(f"  LM {p1['lm_tok_s']:.0f} tok/s  SAE {p1['sae_tok_s']:.0f} tok/s  back-to-back "
           f"{p1['back_to_back_tok_s']:.0f}  live {p1['live_tok_s']:.0f} tok/s")
     print(f"  live / back-to-back limit = {p1['live_over_limit']:.3f}   live / min(LM, SAE) = "
           f"{p1['live_over_min']:.3f}")
+
+
+def report23(p2: dict) -> None:
     print(f"  peak RSS {p2['live_1x']['maxrss_kb'] / 1024:.0f} MiB at {p2['tokens_1x']} tokens, "
           f"{p2['live_10x']['maxrss_kb'] / 1024:.0f} MiB at 10x: ratio "
           f"{p2['rss_10x_over_1x']:.3f}")
@@ -194,8 +213,6 @@ def main() -> None:
           f"{p2['live_10x']['wchar']}; cache of 1x {p2['cache_1x']['file_bytes']}: "
           f"live/cache {p2['live_written_over_cache_1x']:.3f} (1x), "
           f"{p2['live_written_over_cache_10x']:.4f} (10x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

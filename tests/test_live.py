@@ -262,7 +262,11 @@ def test_live_cli_writes_evals_and_live_crosscoder_trains(docs, tmp_path):
              "--response-field", "r", "--total-tokens", "2560", "--batch-size", "128",
              "--d-sae", "64", "--k", "4", "--buffer-tokens", "600", "--norm-batches", "2",
              "--threads", "1"]
-    assert main(flags + ["--out", str(tmp_path / "sae"), "--eval-sequences", "4"]) == 0
+    yml = tmp_path / "cfg.yaml"  # a cache config: --live on the command line replaces cache:
+    yml.write_text(yaml.safe_dump({"cache": [str(tmp_path / "absent.h5")], "seed": 1}))
+    assert main(flags + ["--out", str(tmp_path / "sae"), "--eval-sequences", "4",
+                         "--config", str(yml)]) == 0
+    assert json.loads((tmp_path / "sae" / "train_config.json").read_text())["seed"] == 1
     ev = json.loads((tmp_path / "sae" / "evals.json").read_text())
     assert set(ev) == {"base", "finetuned"}
     for r in ev.values():

@@ -154,15 +154,17 @@ class ModelRows:
             acts = run_to_layers(self.models[name], ids, mask, self.layers)
             per_src.append(torch.stack([acts[layer] for layer in self.layers], 2))  # B,T,L,d
         x = torch.stack(per_src, 3)  # [B, T, L, S, d]
-        out = []
-        for j, (doc_id, tokens, roles) in enumerate(batch):
-            keep = torch.isin(torch.tensor(roles), self.codes).to(x.device)
-            rows = x[j, : len(tokens)][keep]
-            if not torch.isfinite(rows).all():
-                raise SaediffError(f"non-finite activations at document {doc_id} of the live "
-                                   "stream; `saediff cache` on it names the token")
-            out.append(rows.to(self.dtype))
-        return out
+        roles = torch.full(ids.shape, -1, dtype=torch.long)  # padding: no role
+        for j, (_, tokens, rl) in enumerate(batch):
+            roles[j, : len(tokens)] = torch.tensor(rl)
+        keep = torch.isin(roles, self.codes)
+        rows = x[keep.to(x.device)]  # one gather for the whole batch
+        if not torch.isfinite(rows).all():
+            bad = int(torch.isfinite(rows).flatten(1).all(1).logical_not().nonzero()[0])
+            j = int(torch.searchsorted(keep.sum(1).cumsum(0), bad, right=True))
+            raise SaediffError(f"non-finite activations at document {batch[j][0]} of the live "
+                               "stream; `saediff cache` on it names the token")
+        return list(rows.to(self.dtype).split(keep.sum(1).tolist()))
 
     def _select(self, x: torch.Tensor, epoch: int, seq: int) -> torch.Tensor:
         """[n, L, S, d] -> rows of this mode (deterministic in (seed, epoch, seq))."""
@@ -173,6 +175,9 @@ class ModelRows:
         parts = []
         rng = np.random.default_rng([self.seed, epoch, seq, 17])
         for s, name in enumerate(self.names):
+            if self.keep[name] >= 1:  # the heaviest source keeps every row
+                parts.append(x[:, :, s])
+                continue
             keep = rng.random(len(x)) < self.keep[name]
             parts.append(x[torch.from_numpy(keep).to(x.device), :, s])
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -106,8 +106,17 @@ def estimate_scale(cfg: Any, store: Any, d_in: int) -> float:
 
 # --- live: activations straight from the model(s) ------------------------------------------------
 
-def check_live_config(cfg: Any) -> None:
-    """What a `--live` TrainConfig must satisfy besides the fields' own checks."""
+def check_data_source(cfg: Any) -> None:
+    """A TrainConfig reads caches, or runs models (`--live`), not both; what --live needs."""
+    if not cfg.live:
+        given = [f"--{n.replace('_', '-')}" for n in ("base", "layer", "dataset", "finetuned")
+                 if getattr(cfg, n) is not None]
+        if given:
+            raise SaediffError(f"{', '.join(given)} name(s) a model to run: add --live to "
+                               "train straight from it, or train on a cache (--cache)")
+        if cfg.cache is not None and not cfg.cache:
+            raise SaediffError("cache: give at least one cache file")
+        return
     if cfg.cache is not None:
         raise SaediffError("--live trains straight from the models: drop --cache (or drop "
                            "--live to train on the cache)")

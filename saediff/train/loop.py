@@ -125,20 +125,11 @@ class TrainConfig(ModelSource):
         super().__post_init__()
         if isinstance(self.cache, str):
             self.cache = [self.cache]
-        if self.live:
-            from saediff.train.data import check_live_config
+        from saediff.train.data import check_data_source
 
-            check_live_config(self)
-        else:
-            given = [f"--{n.replace('_', '-')}" for n in ("base", "layer", "dataset", "finetuned")
-                     if getattr(self, n) is not None]
-            if given:
-                raise SaediffError(f"{', '.join(given)} name(s) a model to run: add --live to "
-                                   "train straight from it, or train on a cache (--cache)")
-            if self.cache is None:
-                self.cache = [DEFAULT_CACHE]
-        if not self.live and not self.cache:
-            raise SaediffError("cache: give at least one cache file")
+        check_data_source(self)  # --live and its model options, or cache file(s)
+        if self.cache is None and not self.live:
+            self.cache = [DEFAULT_CACHE]
         if self.architecture not in ARCHITECTURES:
             raise SaediffError(f"architecture must be one of {ARCHITECTURES}, "
                              f"got {self.architecture!r}")
