@@ -104,6 +104,9 @@ def test_live_rows_are_the_caches_rows(docs):
     assert live.shape == want.shape == (len(want), 1, 2, 32) and len(want) > 1500
     assert torch.allclose(live, want, atol=1e-5), (live - want).abs().max()
     assert next(it)[:2] == (1, 0)  # the next epoch starts over
+    diff = live_rows(_live_cfg(src, Path("unused"), input="difference"), models).iterate()
+    d = torch.cat([next(diff)[2] for _ in range(len(ref.seqs))])
+    assert torch.allclose(d, want[:, :, 1] - want[:, :, 0], atol=1e-5)  # --input difference
     held = [i for i in range(120) if is_eval_document(i, cfg.eval_fraction)]
     assert 4 <= len(held) <= 8  # ~5% of the 120 documents, never trained on
 
@@ -123,6 +126,15 @@ def test_live_training_equals_training_on_the_cache_rows(docs, tmp_path):
     lb = [json.loads(x) for x in (rep / "metrics.jsonl").read_text().splitlines()]
     assert [r["mse_loss"] for r in la] == pytest.approx([r["mse_loss"] for r in lb], rel=1e-4)
     assert la[0]["mse_loss"] > 1.2 * la[-1]["mse_loss"]  # it learned: equality is not trivial
+
+
+def test_live_sweep_reads_each_batch_once(docs, tmp_path):
+    _, src, _ = docs
+    runs = train(_live_cfg(src, tmp_path / "sw", total_tokens=10 * 128, sweep={"k": [2, 4]}),
+                 evals=False)
+    assert [r.name for r in runs] == ["k2", "k4"]
+    st = json.loads((tmp_path / "sw/checkpoints/step_00000010/state.json").read_text())
+    assert st["store"]["batches"] == 10 and st["n_saes"] == 2  # one model pass, both SAEs
 
 
 # --- the buffer ----------------------------------------------------------------------------------
