@@ -9,7 +9,8 @@ means the same token for every source, because all sources saw the same token id
     /positions    int32 [N]         position of the token inside its sequence
     /roles        int8  [N]         0 special, 1 prompt, 2 response, 3 text (models.ROLES)
     /seq_offsets  int64 [S+1]       first row of each sequence (S = committed sequences)
-    /acts/<src>   f16|f32 [N, d]    residual stream after block `layer` for source <src>
+    /acts/<src>   f16|f32|u16 [N, d] residual stream after block `layer` for source <src>
+                                     (u16: raw bfloat16 words, attribute saediff_dtype=bfloat16)
     /acts/<src>.layer<L>            (a multi-layer cache, attr `layers`: one per layer L
                                     instead; the index datasets and the commit are shared)
     /progress     int64 [4]         committed rows, committed sequences, complete flag, max_tokens
@@ -40,6 +41,30 @@ INDEX_FIELDS = {"tokens": "i4", "seq_ids": "i8", "doc_ids": "i8", "positions": "
 JSON_ATTRS = ("models", "sources", "dataset", "layers", "hook_names")
 PARTIAL_SUFFIX = ".partial"
 P_ROWS, P_SEQS, P_COMPLETE, P_MAX = range(4)
+
+
+# Storage of activations per `dtype` attribute. HDF5 has no bfloat16: its raw 16-bit words are
+# stored as uint16 (the dataset carries saediff_dtype=bfloat16) and decoded on every read.
+STORED_DTYPES = {"float16": np.dtype("f2"), "float32": np.dtype("f4"), "bfloat16": np.dtype("u2")}
+
+
+def encode_activations(x32: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows -> their stored form (`decode_activations` inverts it up to rounding).
+
+    A value beyond the dtype's range becomes inf (no numpy warning): callers check finiteness.
+    """
+    if dtype == "bfloat16":  # round to nearest even, as torch does
+        words = torch.from_numpy(np.ascontiguousarray(x32, np.float32)).to(torch.bfloat16)
+        return words.view(torch.int16).numpy().view(np.uint16)
+    with np.errstate(over="ignore"):
+        return x32.astype(STORED_DTYPES[dtype])
+
+
+def decode_activations(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows -> float32 (bfloat16 words widened exactly; float16/32 as numpy casts)."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -205,13 +230,19 @@ class CacheFile:
         """float32 [stop-start, d_model] for one source."""
         if source not in self.sources:
             raise SaediffError(f"source {source!r} not in {self.path} (sources: {self.sources})")
-        a, b = self._span(start, stop)
-        return torch.from_numpy(self._read(self._acts(source), a, b).astype(np.float32, copy=False))
+        return torch.from_numpy(self.raw_activations(source, start, stop)
+                                .astype(np.float32, copy=False))
 
-    def raw_activations(self, source: str, start: int, stop: int) -> np.ndarray:
-        """Stored dtype, no conversion (for bulk readers)."""
+    def raw_activations(self, source: str, start: int, stop: int | None = None) -> np.ndarray:
+        """Stored float dtype without conversion (bfloat16 words come back as float32)."""
         a, b = self._span(start, stop)
-        return self._read(self._acts(source), a, b)
+        raw = self._read(self._acts(source), a, b)
+        return decode_activations(raw, "bfloat16") if self.dtype == "bfloat16" else raw
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the activations: float16, bfloat16 or float32."""
+        return str(self.attrs.get("dtype", "float32"))
 
     def sequence_offsets(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """First row of sequences start..stop (stop inclusive of the end offset)."""

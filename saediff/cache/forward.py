@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saediff.cache.format import acts_dataset
+from saediff.cache.format import acts_dataset, decode_activations, encode_activations
 from saediff.errors import SaediffError
 from saediff.models import LoadedModel, pad_batch, run_to_layer, run_to_layers
 
 
 def forward_batch(batch: list[tuple[int, list[int], list[int]]], models: dict[str, LoadedModel],
-                   layers: list[int], pad_id: int, np_dtype: np.dtype) -> dict[str, np.ndarray]:
+                   layers: list[int], pad_id: int, dtype: str) -> dict[str, np.ndarray]:
     """{activation dataset name: rows} of one batch: one forward pass per model, every layer."""
     ids, mask = pad_batch([b[1] for b in batch], pad_id)
     acts = {}
@@ -27,18 +27,20 @@ def forward_batch(batch: list[tuple[int, list[int], list[int]]], models: dict[st
             hs = run_to_layers(lm, ids, mask, layers)
             names = {x: acts_dataset(src, x) for x in layers}
         for layer, h in hs.items():
-            acts[names[layer]] = _checked_rows(h[mask.bool()], batch, src, lm, layer, np_dtype)
+            acts[names[layer]] = _checked_rows(h[mask.bool()], batch, src, lm, layer, dtype)
     return acts
 
 
 def _checked_rows(h: torch.Tensor, batch: list[tuple[int, list[int], list[int]]], src: str,
-                  lm: LoadedModel, layer: int, np_dtype: np.dtype) -> np.ndarray:
-    """One layer's rows in the storage dtype; a non-finite value names its token."""
+                  lm: LoadedModel, layer: int, dtype: str) -> np.ndarray:
+    """One layer's rows in the storage dtype (`format.STORED_DTYPES`: bfloat16 as raw words);
+    a non-finite value names its token."""
     lens = [len(b[1]) for b in batch]
     x32 = h.float().cpu().numpy()
-    x = x32.astype(np_dtype)
-    for arr, what in ((x32, "NaN/inf"), (x, f"values beyond {np_dtype.name} range "
-                                              "(use --dtype float32)")):
+    x = encode_activations(x32, dtype)
+    x_check = decode_activations(x, dtype) if dtype == "bfloat16" else x  # words: decode
+    for arr, what in ((x32, "NaN/inf"), (x_check, f"values beyond {dtype} range "
+                                                    "(use --dtype bfloat16 or float32)")):
         bad = ~np.isfinite(arr).all(axis=1)
         if bad.any():  # name the first bad token: document and position in its input
             i = int(np.argmax(bad))

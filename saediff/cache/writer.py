@@ -21,55 +21,35 @@ from tqdm.auto import tqdm
 
 import saediff
 from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
+                               STORED_DTYPES, decode_activations, encode_activations,
                                partial_path, read_attrs)
 from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_readable,
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
 from saediff.cache.documents import dataset_spec, iter_sequences
 from saediff.cache.forward import forward_batch as _forward_batch  # tests patch this name
+from saediff.cache.source import ModelSource, load_source_models
 from saediff.io import check_writable_file, output_lock
 from saediff.bridge import as_loaded_model
-from saediff.models import LoadedModel, check_same_tokenizer, load_model, tokenizer_fingerprint
+from saediff.models import LoadedModel, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CacheConfig:
-    base: str
-    """Base (aligned) model: local HF directory or hub name."""
-    dataset: str
-    """Local .jsonl/.json/.parquet/.txt file or a `datasets` hub name (streamed)."""
-    layer: int | None = None
-    """Cache the residual stream after this block (HF hidden_states[layer+1])."""
+class CacheConfig(ModelSource):
+    """`saediff cache`: the shared model/document options (`ModelSource`) plus these."""
+
     layers: str | list[int] | None = None
     """Cache several blocks in one forward pass: a list and/or ranges (6,12,18 or 0-29)."""
     out: str = "activations_cache/cache.h5"
     """Output HDF5 file (written as OUT.partial until complete)."""
-    base_adapter: str | None = None
-    """PEFT adapter directory applied on top of --base."""
-    finetuned: str | None = None
-    """Fine-tuned model (local dir or hub name); adds a second source `finetuned`."""
-    finetuned_adapter: str | None = None
-    """PEFT adapter for the fine-tuned side (on --finetuned, or on --base if not given)."""
-    text_field: str = "text"
-    """Field holding plain text (ignored when --prompt-field is given)."""
-    prompt_field: str | None = None
-    """Field holding the user prompt: switches to chat mode (chat template + role mask)."""
-    response_field: str | None = None
-    """Field holding the assistant response (chat mode)."""
-    split: str = "train"
-    """Dataset split for hub datasets."""
     max_tokens: int = 1_000_000
     """Stop after this many cached rows (tokens)."""
-    ctx_len: int = 256
-    """Maximum tokens per model input; longer texts are split, longer chats truncated."""
     batch_size: int = 16
     """Sequences per forward pass."""
-    dtype: Literal["float16", "float32"] = "float16"
-    """Storage dtype of activations."""
-    device: str = "cpu"
-    """Torch device for the models (cpu, cuda, cuda:1, ...)."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of activations (bfloat16: float32's range at float16's size)."""
     overwrite: bool = False
     """Replace an existing cache whose provenance differs (or a finished one)."""
 
@@ -85,22 +65,12 @@ class CacheConfig:
             self.layers = wanted if len(wanted) > 1 else None
         elif self.layer is None:
             raise SaediffError("give the block to cache: --layer L, or --layers 6,12,18 / 0-29")
-        if self.layer is not None and self.layer < 0:
-            raise SaediffError(f"layer must be >= 0, got {self.layer}")
+        super().__post_init__()
+        self.require_source("CacheConfig", need_layer=False)
         if self.max_tokens <= 0:
             raise SaediffError(f"max_tokens must be > 0, got {self.max_tokens}")
-        if self.ctx_len < 2:
-            raise SaediffError(f"ctx_len must be >= 2, got {self.ctx_len}")
         if self.batch_size < 1:
             raise SaediffError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.response_field and not self.prompt_field:
-            raise SaediffError("response_field needs prompt_field (chat mode)")
-        if self.finetuned_adapter and not self.finetuned:
-            self.finetuned = self.base  # base + adapter is the fine-tuned model
-
-    @property
-    def chat(self) -> bool:
-        return self.prompt_field is not None
 
     @property
     def cache_layers(self) -> list[int]:
@@ -181,12 +151,13 @@ def _create(path: Path, prov: dict[str, Any], acts_names: list[str]) -> h5py.Fil
     f.create_dataset("seq_offsets", data=np.zeros(1, dtype="i8"), maxshape=(None,), chunks=(8192,),
                      fletcher32=True)
     d = prov["d_model"]
-    dt = np.dtype(prov["dtype"])
+    dt = STORED_DTYPES[prov["dtype"]]
     rows_chunk = max(64, ACTS_CHUNK_BYTES // (d * dt.itemsize))
     f.create_group("acts")
     for name in acts_names:
-        f.create_dataset(name, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d), dtype=dt,
-                         fletcher32=True)
+        ds = f.create_dataset(name, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d),
+                              dtype=dt, fletcher32=True)
+        ds.attrs["saediff_dtype"] = prov["dtype"]  # says how to read uint16 words (bfloat16)
     f.create_dataset("progress", data=np.array([0, 0, 0, prov["max_tokens"]], dtype="i8"))
     f.flush()
     return f
@@ -206,11 +177,7 @@ def _existing_diff(out: Path, prov: dict[str, Any], overwrite: bool) -> list[str
 
 
 def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
-    models = {"base": load_model(cfg.base, cfg.base_adapter, device=cfg.device)}
-    if cfg.finetuned:
-        models["finetuned"] = load_model(cfg.finetuned, cfg.finetuned_adapter, device=cfg.device)
-        check_same_tokenizer(models["base"], models["finetuned"])
-    return models
+    return load_source_models(cfg)
 
 
 def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
@@ -306,7 +273,6 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
     except (OSError, RuntimeError) as exc:
         raise CacheWriteError(f"cannot write {f.filename}: {exc}") from exc
     tok = models["base"].tokenizer
-    np_dtype = np.dtype(cfg.dtype)
     stream = iter_sequences(cfg, tok, shard)
     for _ in range(seqs):  # cheap: tokenisation only, no model
         next(stream, None)
@@ -329,7 +295,7 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
         if not batch:
             break
         acts = _forward_batch(batch, models, cfg.layers or [cfg.layer], tok.pad_token_id,
-                              np_dtype)
+                              cfg.dtype)
         try:
             reserve(f, dsets, rows, seqs, batch)
             n = _write_batch(dsets, batch, rows, seqs, acts)

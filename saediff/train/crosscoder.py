@@ -119,14 +119,18 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
         write_json(out / "train_config.json", config_to_dict(cfg))
         mark_incomplete(out, "saediff train")  # until the crosscoder and its evals are written
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
-            "models": info.get("models", {}), "saediff_caches": [str(p) for p in cfg.cache]}
+            "models": info.get("models", {}),
+            "saediff_caches": [str(p) for p in cfg.cache or []]}
     first = next(store)
     d = int(first.shape[-1])  # (a TensorStore's d_model is the pair axis)
     cc = Crosscoder(CrosscoderCfg(d_in=d, d_sae=cfg.d_sae, k=float(cfg.k), metadata=meta),
                     seed=cfg.seed).to(cfg.device)
     probe = [first] + [next(store) for _ in range(cfg.norm_batches - 1)] if cfg.normalize else []
-    scale = float(d ** 0.5 / torch.cat([b.norm(dim=-1).flatten() for b in probe]).mean()) \
-        if probe else 1.0
+    if probe:
+        mean = torch.cat([b.norm(dim=-1).flatten() for b in probe]).mean()
+        scale = float(d ** 0.5 / dp.average_local(mean))
+    else:
+        scale = 1.0
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     thr_sum, thr_n = 0.0, 0
     metrics = []
@@ -176,3 +180,40 @@ def _train(cfg: Any, store: Any, info: dict[str, Any],
                        crosscoder_evals(cc, [b.cpu() for b in eval_batches]))
         mark_complete(out)
     return out
+
+
+def train_crosscoder_run(cfg: Any, store: Any, world: Any) -> Path:
+    """A crosscoder run of `train`: from `store`, a live source, or the config's caches."""
+    from saediff.train.data import check_caches, open_store
+    from saediff.train.ddp import DataParallel
+
+    dp = DataParallel(world, cfg.batch_size, cfg.device)
+    if store is not None:
+        return train_crosscoder(cfg, store, dp=dp)
+    if cfg.live:
+        from saediff.models import ROLE_SPECIAL, ROLES, role_codes
+        from saediff.train.data import live_eval_cache, open_live
+
+        store, info, models = open_live(cfg, world)
+        dp.rank_local = store.rank_local
+        codes = role_codes(cfg.roles) if cfg.roles else \
+            [v for v in ROLES.values() if v != ROLE_SPECIAL]
+        n_eval = max(1, min(8, cfg.eval_rows // cfg.batch_size))
+        evals = live_eval_cache(cfg, models).paired_batches(codes, cfg.batch_size, n_eval) \
+            if world.is_main else []
+        return train_crosscoder(cfg, store, info, evals, dp)
+    info = check_caches(cfg, cfg.d_in)
+    if not {"base", "finetuned"} <= set(info["sources"]):
+        raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
+                           f"finetuned; {cfg.cache} has {info['sources']}")
+    # host batches, the same global batch on every rank: `dp.local` slices this rank's share
+    store = open_store(cfg, device="cpu")
+    ev = open_store(cfg, split="eval", seed=cfg.seed + 1, device="cpu")
+    try:
+        evals = [next(ev) for _ in range(max(1, min(8, cfg.eval_rows // cfg.batch_size)))]
+    finally:
+        ev.close()
+    try:
+        return train_crosscoder(cfg, store, info, evals, dp)
+    finally:
+        store.close()

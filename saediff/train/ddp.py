@@ -36,6 +36,8 @@ class DataParallel:
                                f"on an equal share; use a multiple of {world.world_size}")
         self.world, self.device = world, torch.device(device)
         self.share = batch_size // world.world_size
+        # a live store under torchrun serves this rank's share itself (its own documents)
+        self.rank_local = False
         # pinned host memory lets the copy to the GPU run asynchronously (flag: --device cuda)
         self.pin = self.device.type == "cuda"
 
@@ -45,7 +47,7 @@ class DataParallel:
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         """Rows of the global batch that this rank trains on, on the training device, fp32."""
-        if self.active:
+        if self.active and not self.rank_local:
             r = self.world.rank
             batch = batch[r * self.share: (r + 1) * self.share]
         if batch.device != self.device:
@@ -74,6 +76,15 @@ class DataParallel:
             i += p.numel()
         counts = flat[i: i + counts.numel()].view_as(counts)
         return counts, flat[i + counts.numel():]
+
+    def average_local(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks of a statistic of each rank's own rows (a rank-local store);
+        `x` itself when every rank draws the same global batch or outside torchrun."""
+        if self.active and self.rank_local:
+            x = x.clone()
+            tdist.all_reduce(x)
+            x /= self.world.world_size
+        return x
 
     def min(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum of `x` over ranks (itself outside torchrun)."""

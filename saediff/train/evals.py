@@ -123,26 +123,31 @@ def spliced_lm_evals(sae: Any, lm: Any, layer: int, seqs: list[dict[str, Any]], 
 
 
 def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
-             models: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """{source: metrics} for every source of the config's caches (or `sources`)."""
+             models: dict[str, Any] | None = None,
+             caches: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{source: metrics} for every source of the config's caches (or `sources`).
+
+    `caches` replaces the config's cache files (a live run's in-RAM `MemoryCache`, whose
+    rows are all held out)."""
     from saediff.cache.format import open_cache
     from saediff.models import ROLE_SPECIAL, ROLES, load_model, role_codes
     from saediff.cache.store import split_rows
 
     codes = role_codes(cfg.roles) if cfg.roles else [v for v in ROLES.values() if v != ROLE_SPECIAL]
-    caches = [open_cache(p, getattr(cfg, "allow_partial", False), layer=getattr(cfg, "layer", None))
-              for p in cfg.cache]
+    caches = caches or [open_cache(p, getattr(cfg, "allow_partial", False),
+                                   layer=getattr(cfg, "layer", None)) for p in cfg.cache]
     out: dict[str, dict[str, Any]] = {}
     try:
         todo = sources or list(dict.fromkeys(s for c in caches for s in c.sources))
         for src in todo:
             cache = next(c for c in caches if src in c.sources)
-            _, held = split_rows(cache, cfg.eval_fraction)
+            all_held = getattr(cache, "held_out", False)
+            held = (0, cache.rows) if all_held else split_rows(cache, cfg.eval_fraction)[1]
             res = activation_evals(sae, cache, src, held, codes, cfg.eval_rows)
             res.update({"delta_loss": None, "kl": None})
             if cfg.eval_sequences > 0:
                 n_eval = math.ceil(cache.n_sequences * cfg.eval_fraction)
-                s0 = cache.n_sequences - n_eval
+                s0 = 0 if all_held else cache.n_sequences - n_eval
                 seqs = cache.sequences(s0, min(cache.n_sequences, s0 + cfg.eval_sequences))
                 spec = cache.attrs.get("models", {}).get(src, {})
                 try:
@@ -167,12 +172,13 @@ def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
     return out
 
 
-def write_evals(run_dir: str | Path, cfg: Any, models: dict[str, Any] | None = None) -> Path:
+def write_evals(run_dir: str | Path, cfg: Any, models: dict[str, Any] | None = None,
+                caches: list[Any] | None = None) -> Path:
     from saediff.sae import load_sae
 
     run_dir = Path(run_dir)
     sae = load_sae(run_dir, device=cfg.device)
-    res = evaluate(sae, cfg, models=models)
+    res = evaluate(sae, cfg, models=models, caches=caches)
     path = run_dir / "evals.json"
     write_json(path, res)
     for src, r in res.items():

@@ -23,11 +23,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from saediff.cache.source import ModelSource
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
 from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
                         output_lock, safe_child, staged_outputs, write_json, write_text)
-from saediff.train.data import check_caches, estimate_scale, open_store  # noqa: F401 (API)
+from saediff.train.data import (check_caches, estimate_scale, open_store,  # noqa: F401 (API)
+                                open_training_data)
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,24 @@ ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "matryosh
 INPUTS = ("activations", "difference")
 
 
+DEFAULT_CACHE = "activations_cache/cache.h5"
+
+
 @dataclass
-class TrainConfig:
-    cache: list[str] = field(default_factory=lambda: ["activations_cache/cache.h5"])
-    """Activation cache file(s) written by `saediff cache`."""
+class TrainConfig(ModelSource):
+    """`saediff train`: on a cache (--cache), or --live with the model/document options of
+    `saediff cache` (inherited from `ModelSource`: --base, --layer, --dataset, ...)."""
+
+    cache: list[str] | None = None
+    """Activation cache file(s) written by `saediff cache` (default activations_cache/cache.h5)."""
+    live: bool = False
+    """Train straight from the model(s) (--base/--finetuned, --layer, --dataset ...): no cache."""
+    buffer_tokens: int | None = None
+    """--live: rows in the mixing buffer (default: what fits 1 GiB in --dtype)."""
+    lm_batch_size: int = 16
+    """--live: sequences per model forward pass."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """--live: storage dtype of the mixing buffer (the SAE always computes in float32)."""
     out: str = "runs/sae"
     """Run directory (for a sweep: one sub-directory per SAE)."""
     sources: dict[str, float] = field(default_factory=lambda: {"base": 0.5, "finetuned": 0.5})
@@ -100,22 +116,22 @@ class TrainConfig:
     """Shuffle buffer rows per source stream."""
     seed: int = 0
     """Seed for SAE initialisation and data order."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, ...)."""
     threads: int = 0
     """torch intra-op threads (0: auto = 1 for small SAEs, where threads only add sync cost)."""
     allow_partial: bool = False
     """Train on the committed prefix of an incomplete cache (NAME.h5.partial) instead of refusing."""
-    layer: int | None = None
-    """Layer of a multi-layer cache to train on (a single-layer cache: its own layer)."""
     layers: str | list[int] | None = None
     """One SAE (or sweep) per layer of a multi-layer cache, into OUT/layer_<L>/ (6,12,18 or 0-29)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.cache, str):
             self.cache = [self.cache]
-        if not self.cache:
-            raise SaediffError("cache: give at least one cache file")
+        from saediff.train.data import check_data_source
+
+        check_data_source(self)  # --live and its model options, or cache file(s)
+        if self.cache is None and not self.live:
+            self.cache = [DEFAULT_CACHE]
         if self.architecture not in ARCHITECTURES:
             raise SaediffError(f"architecture must be one of {ARCHITECTURES}, "
                              f"got {self.architecture!r}")
@@ -145,7 +161,9 @@ class TrainConfig:
             raise SaediffError(f"lr must be > 0, got {self.lr}")
         bad = set(self.sweep) - {f.name for f in dataclasses.fields(self)} | \
             set(self.sweep) & {"cache", "out", "sources", "roles", "sweep", "batch_size",
-                               "total_tokens", "seed", "eval_fraction", "buffer_rows"}
+                               "total_tokens", "seed", "eval_fraction", "buffer_rows", "live",
+                               "buffer_tokens", "lm_batch_size", "dtype",
+                               *(f.name for f in dataclasses.fields(ModelSource))}
         if bad:
             raise SaediffError(f"sweep: cannot sweep over {sorted(bad)} (SAE fields only)")
 
@@ -253,7 +271,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
 def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any, world: Any,
                threads: int) -> list[Path]:
     if cfg.architecture == "crosscoder":
-        return [_train_crosscoder(cfg, store, world)]
+        from saediff.train.crosscoder import train_crosscoder_run
+
+        return [train_crosscoder_run(cfg, store, world)]
     if cfg.input == "difference" and evals:
         evals = False  # the evals read raw activations of a source, not differences
         log.info("input=difference: skipping the per-source evals")
@@ -263,30 +283,6 @@ def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any
         torch.set_num_threads(threads)
 
 
-def _train_crosscoder(cfg: TrainConfig, store: Any, world: Any) -> Path:
-    from saediff.train.crosscoder import train_crosscoder
-    from saediff.train.ddp import DataParallel
-
-    dp = DataParallel(world, cfg.batch_size, cfg.device)
-    if store is not None:
-        return train_crosscoder(cfg, store, dp=dp)
-    info = check_caches(cfg, cfg.d_in)
-    if not {"base", "finetuned"} <= set(info["sources"]):
-        raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
-                           f"finetuned; {cfg.cache} has {info['sources']}")
-    # host batches, the same global batch on every rank: `dp.local` slices this rank's share
-    store = open_store(cfg, device="cpu")
-    ev = open_store(cfg, split="eval", seed=cfg.seed + 1, device="cpu")
-    try:
-        evals = [next(ev) for _ in range(max(1, min(8, cfg.eval_rows // cfg.batch_size)))]
-    finally:
-        ev.close()
-    try:
-        return train_crosscoder(cfg, store, info, evals, dp)
-    finally:
-        store.close()
-
-
 def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
            world: Any) -> list[Path]:
     from saediff.dist import barrier
@@ -294,15 +290,10 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
 
     runs = expand_sweep(cfg)
     dp = DataParallel(world, cfg.batch_size, cfg.device)
-    if store is None:
-        info = check_caches(cfg, cfg.d_in)
-        # host batches: `dp.local` slices this rank's share before the (pinned) device copy
-        store = open_store(cfg, device="cpu")
-    else:
-        info = {"d_model": store.d_model, "layer": getattr(store, "layer", -1),
-                "hook_name": getattr(store, "hook_name", ""), "models": {}, "sources": []}
+    store, info, models = open_training_data(cfg, world, store)
+    dp.rank_local = bool(getattr(store, "rank_local", False))
     small = max(c.d_sae for _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
-    if cfg.threads or (small and cfg.device == "cpu"):
+    if cfg.threads or (small and cfg.device == "cpu" and not cfg.live):  # live: the LM wants them
         torch.set_num_threads(cfg.threads or 1)
     # rank 0 owns the run directory (metrics, checkpoints, final SAE, evals); others only read
     root = check_writable_dir(cfg.out) if world.is_main else Path(cfg.out)
@@ -312,7 +303,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
             "saediff_input": cfg.input,
-            "saediff_caches": [str(p) for p in cfg.cache], "saediff_roles": cfg.roles,
+            "saediff_caches": [str(p) for p in cfg.cache or []], "saediff_roles": cfg.roles,
+            "saediff_live": cfg.live,
             "saediff_world_size": world.world_size}
     # Build every SAE before writing anything, so a refused config leaves no half-made run dir.
     trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store)
@@ -362,6 +354,10 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             for tr in trainers:
                 tr.n_training_steps = step
                 tr.maybe_reset_sparsity()
+            checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
+                or step == cfg.steps
+            if checkpoint and hasattr(store, "sync_state"):
+                store.sync_state()  # a live store under torchrun: every rank's position
             if not world.is_main:
                 continue
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -370,7 +366,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
                         fh.write(json_dumps(tr.metrics(out, step)) + "\n")
                 bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
                                 l0=f"{float(outs[0]['l0']):.1f}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if checkpoint:
                 save_checkpoint(root, step, trainers, store, extra)
                 last_ck = step
             bar.update(1)
@@ -378,13 +374,19 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
         bar.close()
         if hasattr(store, "close") and step >= cfg.steps:
             store.close()
+    # a live run's evals read its held-out documents, run once through the models, from RAM
+    eval_caches = None
+    if evals and cfg.live and world.is_main:
+        from saediff.train.data import live_eval_cache
+
+        eval_caches = [live_eval_cache(cfg, models)]
     for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
         save_final(tr, rdir)
         mark_complete(rdir)  # the SAE is whole: readers may load it (evals read it too)
         if evals:
             from saediff.train.evals import write_evals
 
-            write_evals(rdir, rcfg)
+            write_evals(rdir, rcfg, models=models, caches=eval_caches)
         from saediff.train.plots import write_curves
 
         write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
