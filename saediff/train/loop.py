@@ -258,12 +258,15 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
     with process_group(cfg.device) as world:
         check_supported(cfg, world)
         cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
+        layer_cfgs = None
+        if cfg.layers:  # one run per layer, in turn, in this process group (`train.layers`)
+            from saediff.train.layers import per_layer_configs
+
+            layer_cfgs = per_layer_configs(cfg)  # checked before --out is created
         # one writer per --out: a second `saediff train` into it gets one line, exit 2
         with output_lock(cfg.out) if world.is_main else contextlib.nullcontext():
-            if cfg.layers:  # one run per layer, in turn, in this process group (`train.layers`)
-                from saediff.train.layers import per_layer_configs
-
-                return [d for c in per_layer_configs(cfg) for d in
+            if layer_cfgs:
+                return [d for c in layer_cfgs for d in
                         _train_one(c, stop_after, evals, store, world, threads)]
             return _train_one(cfg, stop_after, evals, store, world, threads)
 
