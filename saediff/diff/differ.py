@@ -184,6 +184,17 @@ def _paired(base: LoadedModel, final: LoadedModel, sae: Any, cfg: DiffConfig, si
         yield i0, (ab, af)
 
 
+def _check_fit(cfg: DiffConfig, sae: Any, base: LoadedModel) -> None:
+    """The SAE fits the model and layer; --contexts-cache fits the SAE and the tokenizer."""
+    check_sae(sae, base, cfg.layer)
+    if cfg.contexts_cache:
+        from saediff.diff.evidence import check_contexts_cache
+        from saediff.models import tokenizer_fingerprint
+
+        check_contexts_cache(cfg.contexts_cache, sae, cfg.layer,
+                             tokenizer_fingerprint(base.tokenizer))
+
+
 def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
              labeler: Labeler | None = None) -> DiffResult:
     """Load models and SAE, measure both sides, rank latents, gather evidence and directions.
@@ -201,13 +212,7 @@ def run_diff(cfg: DiffConfig, finetuned_context: ModelContext | None = None,
     require_activation_sae(sae, cfg.sae, "saediff diff")
     sae.eval()
     base = load_model(cfg.base, cfg.base_adapter, device=cfg.device)
-    check_sae(sae, base, cfg.layer)
-    if cfg.contexts_cache:
-        from saediff.diff.evidence import check_contexts_cache
-        from saediff.models import tokenizer_fingerprint
-
-        check_contexts_cache(cfg.contexts_cache, sae, cfg.layer,
-                             tokenizer_fingerprint(base.tokenizer))
+    _check_fit(cfg, sae, base)
     ckpts = cfg.checkpoints()
     prompt_induced = not cfg.finetuned and not cfg.finetuned_adapter
     if prompt_induced and (cfg.base_system, cfg.base_prefix) == (cfg.finetuned_system, cfg.finetuned_prefix) \
