@@ -140,7 +140,7 @@ INDEX_CHUNK_ROWS = 8192
 ACTS_CHUNK_BYTES = 1 << 18
 
 
-def _create(path: Path, prov: dict[str, Any], acts_names: list[str]) -> h5py.File:
+def _create(path: Path, prov: dict[str, Any], acts_names: list[str] | None = None) -> h5py.File:
     f = h5py.File(path, "w")
     for k, v in prov.items():
         f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
@@ -154,7 +154,7 @@ def _create(path: Path, prov: dict[str, Any], acts_names: list[str]) -> h5py.Fil
     dt = STORED_DTYPES[prov["dtype"]]
     rows_chunk = max(64, ACTS_CHUNK_BYTES // (d * dt.itemsize))
     f.create_group("acts")
-    for name in acts_names:
+    for name in acts_names or [f"acts/{src}" for src in prov["sources"]]:
         ds = f.create_dataset(name, shape=(0, d), maxshape=(None, d), chunks=(rows_chunk, d),
                               dtype=dt, fletcher32=True)
         ds.attrs["saediff_dtype"] = prov["dtype"]  # says how to read uint16 words (bfloat16)
