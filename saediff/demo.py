@@ -26,7 +26,7 @@ class DemoConfig:
     out: str = "demo_out"
     """Output directory (summary.json, report.html and each stage's outputs)."""
     quick: bool = False
-    """Reduced sizes for a smoke run (~40 s instead of ~4 min): fewer tokens, steps, samples."""
+    """Reduced sizes for a smoke run (~25 s instead of ~4 min): fewer tokens, steps, samples."""
     cache: str | None = None
     """Activation cache path (default: OUT/cache_l{layer}[_quick].h5)."""
     train_config: str | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from saediff.errors import SaediffError
 
-log = logging.getLogger("saediff.models")
+log = logging.getLogger(__name__)
 TRUE = ("1", "ON", "YES", "TRUE")
 
 

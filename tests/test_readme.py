@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FULL = os.environ.get("SAEDIFF_README_FULL") == "1"
+BLOCK_TIMEOUT = int(os.environ.get("SAEDIFF_README_TIMEOUT", "900"))  # seconds per README block
 
 # (README text, CI-sized replacement): sizes only, never what a command does
 CI_SIZES = [
@@ -101,7 +102,8 @@ def _run(work: Path, env: dict[str, str], lang: str, code: str, i: int) -> str:
     else:
         argv = ["bash", "-euo", "pipefail", "-c", code]
     t0 = time.time()
-    p = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                       timeout=BLOCK_TIMEOUT)
     print(f"--- README block {i} ({lang}, {time.time() - t0:.0f} s)\n{code}\n{p.stdout[-2000:]}")
     assert p.returncode == 0, f"README block {i} failed (exit {p.returncode}):\n{code}\n{p.stderr[-3000:]}"
     if lang == "python":

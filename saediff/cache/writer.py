@@ -313,8 +313,8 @@ def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
     if rows == 0:
         raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
     if exhausted and rows < cfg.max_tokens:
-        log.warning("dataset %s ran out after %d of --max-tokens %d tokens (%d sequences): the "
-                    "cache holds all of it", cfg.dataset, rows, cfg.max_tokens, seqs)
+        log.info("dataset %s ran out after %d of --max-tokens %d tokens (%d sequences): the "
+                 "cache holds all of it", cfg.dataset, rows, cfg.max_tokens, seqs)
     try:
         prog[P_COMPLETE] = 1
         f.flush()
