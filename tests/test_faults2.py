@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
 from saediff.errors import SaediffError
 
 LAYER = 1

@@ -185,7 +185,7 @@ def test_generated_positions_leave_prompt_untouched(lm, sae, use_cache):
 
     def record(ctx):
         seen = []
-        with ctx, capture_residual(lm, LAYER) as box:
+        with ctx, capture_residual(lm, LAYER):
             handle = lm.layers[LAYER].register_forward_hook(lambda m, i, o: seen.append(
                 (o[0] if isinstance(o, tuple) else o).clone()))
             try:

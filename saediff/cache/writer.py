@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 import saediff
 from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
-                               STORED_DTYPES, decode_activations, encode_activations,
-                               partial_path, read_attrs)
+                               STORED_DTYPES, partial_path, read_attrs)
 from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_readable,
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError

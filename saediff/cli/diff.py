@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(cfg, labeler, no_html, layers)
 
 
-def _run(cfg: "DiffConfig", labeler: Any, no_html: bool, layers: list[int] | None) -> int:
+def _run(cfg: Any, labeler: Any, no_html: bool, layers: list[int] | None) -> int:
     if layers:
         from saediff.diff.per_layer import format_summary, run_diff_layers
         from saediff.layerspec import check_layer_range, config_n_layers

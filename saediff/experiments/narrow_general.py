@@ -15,7 +15,6 @@ general without it, and has higher loss at equal norm and less stability under n
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable, Iterator

@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ContextManager, Literal
 
 from saediff.errors import SaediffError
