@@ -5,7 +5,9 @@ real model `saediff.organism.real.real_base_path()` imports), captured here on r
 text (the repo's docs); `--synthetic` uses Gaussian rows scaled to the same mean norm instead.
 
   1. TopK, k 32, d_sae 16384 and 65536: saediff tok/s / SAELens `SAETrainer` (dense autograd)
-     tok/s on the same batches, and saediff / the encode-only ceiling (encoder matmul + top-k)
+     tok/s on the same batches, and saediff / the encode-only ceiling (encoder matmul + top-k;
+     timed step by step in alternation with saediff's steps), plus a profiled breakdown of
+     saediff's step (encode, topk, decode, backward, aux, stats, clip, optimizer, other)
   2. data-parallel: 2-rank / 1-rank training throughput (torchrun, gloo on CPU, nccl on CUDA),
      same global batch; on CPU the 1-rank run gets all cores as threads
   3. (CUDA only) pinned / pageable host->GPU batch copy bandwidth
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,7 +113,6 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
     from sae_lens.training.sae_trainer import SAETrainer
 
     from saediff.train.loop import TrainConfig
-    from saediff.train.sparse import encode_ceiling_step
     from saediff.train.trainer import FastSAETrainer
 
     B, d = batches[0].shape
@@ -143,9 +145,8 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
     fast = FastSAETrainer(cfg, sae(), iter(dev_batches))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_fast = run(fast)
+    t_fast, t_ceil = interleaved(fast, dev_batches, device, autocast, mark_dead)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
-    w, b = fast.sae.W_enc.detach(), fast.sae.b_enc.detach()
     with autocast:
         phases = breakdown(fast, dev_batches[1: 1 + profile_steps], device)
     del fast
@@ -154,18 +155,40 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
                     iter(dev_batches))
     t_sl = run(sl)
     del sl
-    with autocast:
-        encode_ceiling_step(w, b, dev_batches[0], K)
-        sync(device)
-        t = time.perf_counter()
-        for bb in dev_batches[1:]:
-            encode_ceiling_step(w, b, bb, K)
-        sync(device)
-    t_ceil = B * (len(dev_batches) - 1) / (time.perf_counter() - t)
     return {"d_sae": width, "batch": B, "dead_frac": dead_frac, "dtype": dtype,
             "saediff_tok_s": t_fast, "saelens_tok_s": t_sl, "ceiling_tok_s": t_ceil,
             "ratio_vs_saelens": t_fast / t_sl, "ratio_vs_ceiling": t_fast / t_ceil,
             "breakdown_ms": phases, "peak_gpu_gib": peak}
+
+
+def interleaved(fast, batches: list[torch.Tensor], device: str, autocast, mark_dead
+                ) -> tuple[float, float]:
+    """tok/s of saediff's step and of the encode-only ceiling on the same weights, timed step
+    by step in alternation (median per side), so a shared machine's drifting load hits both."""
+    from saediff.train.sparse import encode_ceiling_step
+
+    B = batches[0].shape[0]
+    w, b = fast.sae.W_enc, fast.sae.b_enc
+    t_fast, t_ceil = [], []
+
+    def timed(fn) -> float:
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t
+
+    mark_dead(fast)
+    with autocast:
+        fast.step(batches[0])                                   # warm-up
+        encode_ceiling_step(w.detach(), b.detach(), batches[0], K)
+        for i, x in enumerate(batches[1:]):
+            arms = [(t_fast, lambda: fast.step(x)),
+                    (t_ceil, lambda: encode_ceiling_step(w.detach(), b.detach(), x, K))]
+            for times, fn in (arms if i % 2 == 0 else arms[::-1]):
+                times.append(timed(fn))
+            mark_dead(fast)
+    return B / statistics.median(t_fast), B / statistics.median(t_ceil)
 
 
 def print_breakdown(r: dict, device: str) -> None:
@@ -262,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of latents marked dead in both trainers (aux loss on)")
     p.add_argument("--skip-dp", action="store_true", help="skip the 2-rank / 1-rank part")
     p.add_argument("--no-cpu", action="store_true", help="with CUDA: GPU figures only")
+    p.add_argument("--profile-steps", type=int, default=2, help="profiled steps per breakdown")
     p.add_argument("--rows", type=int, default=None, help="activation rows (default 4096 CPU, "
                    "8192 with CUDA)")
     p.add_argument("--cpu-dtypes", nargs="+", default=["float32"],
@@ -291,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             dtypes = ("float32", "bf16-autocast") if device == "cuda" else a.cpu_dtypes
             for width in a.widths:
                 for dt in dtypes:
-                    r = throughput(width, batches, device, a.dead_frac, dtype=dt)
+                    r = throughput(width, batches, device, a.dead_frac, a.profile_steps, dt)
                     res[device]["topk"].append(r)
                     print(f"[{device}] TopK d_sae {width} k {K} batch {B} {dt} dead "
                           f"{a.dead_frac:.2f}: saediff {r['saediff_tok_s']:.0f} tok/s / SAELens "

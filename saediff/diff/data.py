@@ -29,7 +29,7 @@ class DiffConfig:
     base: str
     """Aligned (base) model: HF name or local directory."""
     sae: str
-    """SAE run directory (SAELens format: cfg.json + sae_weights.safetensors)."""
+    """SAE run directory (cfg.json + sae_weights.safetensors) or sae_lens:RELEASE/SAE_ID."""
     layer: int
     """Block whose residual-stream output the SAE reads (must match the SAE's hook)."""
     prompts: str

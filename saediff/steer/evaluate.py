@@ -40,7 +40,7 @@ class SteerConfig:
     adapter: str | None = None
     """PEFT adapter applied on top of --model (base+adapter)."""
     sae: str | None = None
-    """SAE run directory (SAELens format)."""
+    """SAE run directory (SAELens format) or sae_lens:RELEASE/SAE_ID (a SAELens release)."""
     latent: list[int] = field(default_factory=list)
     """SAE latent index(es) to steer; several = all at once."""
     clamp: float | None = None
