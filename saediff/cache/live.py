@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from saediff.cache.documents import iter_sequences
 from saediff.errors import SaediffError
-from saediff.models import LoadedModel, pad_batch
+from saediff.models import LoadedModel, pad_batch, run_to_layers
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +45,6 @@ def is_eval_document(doc_id: int, eval_fraction: float) -> bool:
     A Weyl sequence: spread evenly over the stream, a fixed share of any prefix, no state.
     """
     return ((doc_id + 1) * _PHI64) % (1 << 64) < eval_fraction * (1 << 64)
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def run_to_layers(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
-                  layers: list[int]) -> dict[int, torch.Tensor]:
-    """Residual stream after each block of `layers` from one forward, cut after the deepest."""
-    for layer in layers:
-        lm.check_layer(layer)
-    box: dict[int, torch.Tensor] = {}
-    last = max(layers)
-
-    def hook(layer: int) -> Any:
-        def fn(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            box[layer] = out[0] if isinstance(out, tuple) else out
-            if layer == last:
-                raise _Stop
-        return fn
-
-    handles = [lm.layers[layer].register_forward_hook(hook(layer)) for layer in set(layers)]
-    try:
-        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return box
 
 
 class ModelRows:
