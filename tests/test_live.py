@@ -413,3 +413,72 @@ def test_two_live_ranks_equal_one_rank_fed_both_shares(docs, tmp_path):
     _assert_same(one, two)
     meta = json.loads((two / "cfg.json").read_text())["metadata"]
     assert meta["saediff_world_size"] == 2
+
+
+# --- several layers from one forward pass (--live --layers) --------------------------------------
+
+def test_live_layers_equal_single_layer_runs_from_one_forward(docs, tmp_path, monkeypatch):
+    """--live --layers 0,2: per layer the SAE of a live --layer run (same seed, buffer), from
+    one model forward per LM batch; loadable, own hook; resumes from OUT/checkpoints."""
+    from saediff import load_sae
+    from saediff.cache import live
+
+    _, src, _ = docs
+    calls: list[list[int]] = []
+    real = live.run_to_layers
+
+    def counted(model, ids, mask, layers):
+        calls.append(list(layers))
+        return real(model, ids, mask, layers)
+
+    monkeypatch.setattr(live, "run_to_layers", counted)
+    one = {**src, "layer": None}
+    runs = train(_live_cfg(one, tmp_path / "multi", layers="0,2"), evals=False)
+    multi_calls = list(calls)
+    assert [r.relative_to(tmp_path / "multi").as_posix() for r in runs] == ["layer_0", "layer_2"]
+    assert multi_calls and all(c == [0, 2] for c in multi_calls)  # every forward: both layers
+    for layer, run in zip((0, 2), runs):
+        calls.clear()
+        (single,) = train(_live_cfg(src, tmp_path / f"single{layer}", layer=layer), evals=False)
+        assert len(calls) == len(multi_calls)  # a single-layer run needs as many forwards
+        a, b = load_file(run / "sae_weights.safetensors"), load_file(single / "sae_weights.safetensors")
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (layer, k, (a[k] - b[k]).abs().max())
+        sae = load_sae(run)
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        assert sae.cfg.metadata.layer == layer
+        assert json.loads((run / "train_config.json").read_text())["layer"] == layer
+    w0, w2 = (load_file(r / "sae_weights.safetensors")["W_dec"] for r in runs)
+    assert not torch.allclose(w0, w2, atol=1e-3)  # the layers differ: equality is not trivial
+    st = json.loads((tmp_path / "multi/checkpoints/step_00000030/state.json").read_text())
+    assert st["n_saes"] == 2 and len(st["scale"]) == 2 and st["scale"][0] != st["scale"][1]
+    # interrupted at step 10, resumed from the one root: the same SAEs
+    train(_live_cfg(one, tmp_path / "res", layers="0,2"), evals=False, stop_after=12)
+    resumed = train(_live_cfg(one, tmp_path / "res", layers="0,2"), evals=False)
+    for a, b in zip(runs, resumed):
+        wa, wb = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_live_bad_layers_one_line_before_any_model_runs(docs, tmp_path, monkeypatch, capsys):
+    from saediff.cache import live
+    from saediff.cli import main
+
+    _, src, _ = docs
+
+    def no_forward(*a, **k):
+        raise AssertionError("a model ran a batch")
+
+    monkeypatch.setattr(live, "run_to_layers", no_forward)
+    flags = ["train", "--live", "--base", src["base"], "--dataset", src["dataset"],
+             "--prompt-field", "p", "--response-field", "r", "--out", str(tmp_path / "o"),
+             "--sources", "base=1", "--no-evals"]
+    cases = {"--layers: layer 9 out of range": ["--layers", "0,9"],
+             "give --layer or --layers, not both": ["--layers", "0,2", "--layer", "1"],
+             "cannot read 'x'": ["--layers", "0,x"]}
+    for msg, extra in cases.items():
+        assert main(flags + extra) == 2, msg
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and err[0].startswith("saediff train: error: "), (msg, err)
+        assert msg in err[0], (msg, err)
+    assert not list(tmp_path.glob("o/*"))

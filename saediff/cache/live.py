@@ -252,14 +252,19 @@ class LiveStore:
     def peek_batches(self, n: int) -> list[torch.Tensor]:
         """The first n batches' worth of rows in stream order (a fresh pass; for the
         normalisation factor), without moving this store."""
+        return self.peek_layers(n)[self.layer]
+
+    def peek_layers(self, n: int) -> dict[int, list[torch.Tensor]]:
+        """`peek_batches` of every layer, from one fresh pass: {layer: n batches}."""
         it = self.rows.iterate(0, 0)
         rows, have = [], 0
         while have < n * self.batch_size:
             x = next(it)[2]
             rows.append(x)
             have += len(x)
-        x = torch.cat(rows)[: n * self.batch_size, 0].float()
-        return list(x.split(self.batch_size))
+        x = torch.cat(rows)[: n * self.batch_size]
+        return {layer: list(x[:, i].float().split(self.batch_size))
+                for i, layer in enumerate(self.layers)}
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -90,11 +90,13 @@ def check_caches(cfg: Any, d_in: int | None = None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def estimate_scale(cfg: Any, store: Any, d_in: int) -> float:
-    """sqrt(d_in) / mean row norm over `norm_batches` batches (of a separate store)."""
-    if hasattr(store, "peek_batches"):
+def estimate_scale(cfg: Any, store: Any, d_in: int,
+                   batches: list[torch.Tensor] | None = None) -> float:
+    """sqrt(d_in) / mean row norm over `norm_batches` batches (of a separate store, or the
+    given `batches`: one layer of a multi-layer live store's `peek_layers`)."""
+    if batches is None and hasattr(store, "peek_batches"):
         batches = store.peek_batches(cfg.norm_batches)
-    else:
+    elif batches is None:
         probe = open_store(cfg, seed=cfg.seed + 7919)
         batches = [next(probe) for _ in range(cfg.norm_batches)]
         probe.close()
@@ -125,10 +127,8 @@ def check_data_source(cfg: Any) -> None:
         raise SaediffError("--live trains straight from the models: drop --cache (or drop "
                            "--live to train on the cache)")
     if getattr(cfg, "layers", None):
-        raise SaediffError("--layers with --live is not supported yet: cache the layers in one "
-                           "pass (`saediff cache --layers ...`) and train on that cache with "
-                           "--layers, or train --live one --layer at a time")
-    cfg.require_source("TrainConfig --live")
+        check_live_layers(cfg)
+    cfg.require_source("TrainConfig --live", need_layer=not getattr(cfg, "layers", None))
     if cfg.buffer_tokens is not None and cfg.buffer_tokens < cfg.batch_size:
         raise SaediffError(f"--buffer-tokens {cfg.buffer_tokens} is smaller than one batch "
                            f"(--batch-size {cfg.batch_size}); raise it")
@@ -141,6 +141,28 @@ def check_data_source(cfg: Any) -> None:
                            "--finetuned-adapter")
     if cfg.allow_partial:
         raise SaediffError("--allow-partial is about caches; drop it with --live")
+
+
+def check_live_layers(cfg: Any) -> None:
+    """--live --layers: a readable list, not with --layer, SAEs only (no weights loaded)."""
+    from saediff.layerspec import check_layer_range, config_n_layers, parse_layers
+
+    layers = parse_layers(cfg.layers)
+    if cfg.layer is not None:
+        raise SaediffError(f"give --layer or --layers, not both (--layer {cfg.layer}, "
+                           f"--layers {cfg.layers})")
+    if cfg.architecture == "crosscoder":
+        raise SaediffError("--live --layers trains SAEs; train a crosscoder one --layer at a time")
+    for name in (cfg.base, cfg.finetuned):
+        if name:  # from config.json alone: a bad layer fails before any weights load
+            check_layer_range(layers, config_n_layers(name), name)
+
+
+def live_layers(cfg: Any) -> list[int]:
+    """The layers a live config reads from one forward: --layers, or [--layer]."""
+    from saediff.layerspec import parse_layers
+
+    return parse_layers(cfg.layers) if getattr(cfg, "layers", None) else [cfg.layer]
 
 
 def live_mode(cfg: Any) -> str:
@@ -175,7 +197,7 @@ def live_rows(cfg: Any, models: dict[str, Any], shard: tuple[int, int] = (0, 1),
     weights = cfg.sources if mode == "activations" else {"base": 1.0, "finetuned": 1.0}
     if split == "eval":  # the evals read every source of every role
         mode, weights, codes = "activations", {k: 1.0 for k in models}, sorted(ROLES.values())
-    return ModelRows(cfg, models, [cfg.layer], mode, weights, codes, cfg.lm_batch_size,
+    return ModelRows(cfg, models, live_layers(cfg), mode, weights, codes, cfg.lm_batch_size,
                      cfg.eval_fraction, cfg.seed, shard=shard, split=split,
                      dtype=getattr(torch, cfg.dtype))
 
@@ -191,13 +213,19 @@ def open_live(cfg: Any, world: Any) -> tuple[Any, dict[str, Any], dict[str, Any]
 
     check_live_documents(cfg)
     models = load_source_models(cfg)
+    if getattr(cfg, "layers", None):  # --layer is checked by load_source_models
+        from saediff.layerspec import check_layer_range
+
+        for m in models.values():
+            check_layer_range(live_layers(cfg), m.n_layers, m.name)
     shard = (world.rank, world.world_size) if world.active else (0, 1)
     rows = live_rows(cfg, models, shard)
     next(rows.sequences())  # tokenises document 0: a bad field or template fails here
     buffer = cfg.buffer_tokens or default_buffer_rows(rows.row_shape, rows.dtype)
     store = LiveStore(rows, cfg.batch_size // world.world_size, buffer, cfg.seed,
                       rank_local=world.active)
-    info = {"d_model": rows.d_model, "layer": cfg.layer, "hook_name": store.hook_name,
+    layer = cfg.layer if cfg.layer is not None else live_layers(cfg)  # a list for --layers
+    info = {"d_model": rows.d_model, "layer": layer, "hook_name": store.hook_name,
             "models": {k: m.provenance() for k, m in models.items()}, "sources": list(models)}
     log.info("live: %s, buffer %d rows (%s)", ", ".join(f"{k}={m.name}" for k, m in models.items()),
              buffer, cfg.dtype)

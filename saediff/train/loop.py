@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
         check_supported(cfg, world)
         cfg = dataclasses.replace(cfg, device=rank_device(cfg.device))
         layer_cfgs = None
-        if cfg.layers:  # one run per layer, in turn, in this process group (`train.layers`)
+        if cfg.layers and not cfg.live:  # a cache: one run per layer, in turn (`train.layers`)
             from saediff.train.layers import per_layer_configs
 
             layer_cfgs = per_layer_configs(cfg)  # checked before --out is created
@@ -290,18 +290,24 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
            world: Any) -> list[Path]:
     from saediff.dist import barrier
     from saediff.train.ddp import DataParallel
+    from saediff.train.layers import (group_scales, layer_groups, layer_meta, next_batches,
+                                      packed_scales)
 
-    runs = expand_sweep(cfg)
+    groups = layer_groups(cfg)  # (None, cfg), or --live --layers: (L, cfg at L) per layer
+    keys = [key for key, _ in groups]
+    runs = [(key, name, rcfg) for key, lcfg in groups for name, rcfg in expand_sweep(lcfg)]
     dp = DataParallel(world, cfg.batch_size, cfg.device)
     store, info, models = open_training_data(cfg, world, store)
     dp.rank_local = bool(getattr(store, "rank_local", False))
-    small = max(c.d_sae for _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
+    small = max(c.d_sae for _, _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
     if cfg.threads or (small and cfg.device == "cpu" and not cfg.live):  # live: the LM wants them
         torch.set_num_threads(cfg.threads or 1)
     # rank 0 owns the run directory (metrics, checkpoints, final SAE, evals); others only read
     root = check_writable_dir(cfg.out) if world.is_main else Path(cfg.out)
     # YAML sweep values become directory names: none may leave --out
-    run_dirs = [safe_child(root, name, "sweep run name") if name else root for name, _ in runs]
+    roots = {key: root if key is None else Path(lcfg.out) for key, lcfg in groups}
+    run_dirs = [safe_child(roots[key], name, "sweep run name") if name else roots[key]
+                for key, name, _ in runs]
     base_model = info["models"].get("base", next(iter(info["models"].values()), {}))
     meta = {"hook_name": info["hook_name"], "layer": info["layer"],
             "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
@@ -310,11 +316,11 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             "saediff_live": cfg.live,
             "saediff_world_size": world.world_size}
     # Build every SAE before writing anything, so a refused config leaves no half-made run dir.
-    trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], meta), store)
-                for _, rcfg in runs]
+    trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], layer_meta(meta, key)),
+                              store) for key, _, rcfg in runs]
     for tr in trainers:
         tr.ddp = dp if world.active else None
-    for (name, rcfg), rdir in zip(runs, run_dirs):
+    for (_, name, rcfg), rdir in zip(runs, run_dirs):
         if world.is_main:
             rdir.mkdir(parents=True, exist_ok=True)
             write_json(rdir / "train_config.json", config_to_dict(rcfg))
@@ -326,14 +332,12 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
     if state:
         log.info("resumed from %s (step %d)", state["dir"], state["step"])
     start = state["step"] if state else 0
-    scale = state["scale"] if state else None
-    if scale is None and cfg.normalize:
-        scale = estimate_scale(cfg, store, info["d_model"])
-    for tr in trainers:
-        tr.activation_scaler.scaling_factor = scale if cfg.normalize else None
+    scales = group_scales(cfg, store, info["d_model"], keys, state["scale"] if state else None)
+    for tr, (key, _, _) in zip(trainers, runs):
+        tr.activation_scaler.scaling_factor = scales[key] if cfg.normalize else None
     for rdir in run_dirs if world.is_main else []:
         _truncate_metrics(rdir / "metrics.jsonl", start)
-    extra = {"n_saes": len(trainers), "scale": scale, "config": fields}
+    extra = {"n_saes": len(trainers), "scale": packed_scales(scales, keys), "config": fields}
     last_ck = state and start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                disable=None if world.is_main else True)
@@ -342,11 +346,12 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
         while step < cfg.steps:
             if stop_after is not None and step >= stop_after:
                 return run_dirs
-            batch = dp.local(next(store))
+            batches = {k: dp.local(b) for k, b in next_batches(store, keys).items()}
             outs = []
-            for tr, (name, _) in zip(trainers, runs):
+            for tr, (key, name, _) in zip(trainers, runs):
+                name = "/".join(p for p in (f"layer {key}" if key is not None else "", name) if p)
                 try:
-                    outs.append(tr.step(batch))
+                    outs.append(tr.step(batches[key]))
                 except FloatingPointError as exc:
                     where = f"last good checkpoint: step {last_ck}" if last_ck else \
                         "no checkpoint written yet"
@@ -378,18 +383,18 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
         if hasattr(store, "close") and step >= cfg.steps:
             store.close()
     # a live run's evals read its held-out documents, run once through the models, from RAM
-    eval_caches = None
-    if evals and cfg.live and world.is_main:
+    eval_caches: dict[Any, Any] = {}
+    if evals and cfg.live and world.is_main:  # per layer: one eval pass per layer
         from saediff.train.data import live_eval_cache
 
-        eval_caches = [live_eval_cache(cfg, models)]
-    for tr, rdir, (_, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
+        eval_caches = {key: [live_eval_cache(lcfg, models)] for key, lcfg in groups}
+    for tr, rdir, (key, _, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
         save_final(tr, rdir)
         mark_complete(rdir)  # the SAE is whole: readers may load it (evals read it too)
         if evals:
             from saediff.train.evals import write_evals
 
-            write_evals(rdir, rcfg, models=models, caches=eval_caches)
+            write_evals(rdir, rcfg, models=models, caches=eval_caches.get(key))
         from saediff.train.plots import write_curves
 
         write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
