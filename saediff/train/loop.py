@@ -27,9 +27,10 @@ from saediff.cache.source import ModelSource
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
 from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
-                        output_lock, safe_child, staged_outputs, write_json, write_text)
+                        output_lock, safe_child, write_json, write_text)
 from saediff.train.data import (check_caches, estimate_scale, open_store,  # noqa: F401 (API)
                                 open_training_data)
+from saediff.train.final import save_final
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -401,18 +402,3 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
     barrier()  # the other ranks return once rank 0 has written the SAE and its evals
     return run_dirs
 
-
-def save_final(trainer: Any, run_dir: Path) -> None:
-    """Fold the input scale into a copy of the SAE and save it in SAELens's format."""
-    import copy
-
-    sae = copy.deepcopy(trainer.sae).cpu()
-    scale = trainer.activation_scaler.scaling_factor
-    if scale is not None:
-        sae.fold_activation_norm_scaling_factor(scale)
-    sae.cfg.metadata.saediff_input_scale = scale
-    sae.cfg.metadata.saediff_steps = trainer.n_training_steps
-    sae.cfg.metadata.saediff_tokens = trainer.n_training_samples
-    # staged: cfg.json and the weights land together (never one from an older run)
-    with staged_outputs(run_dir, (), "saediff train") as stage:
-        sae.save_inference_model(stage)

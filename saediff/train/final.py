@@ -1,0 +1,23 @@
+"""The end of a training run: the trained SAE saved in SAELens's format (input scale folded in)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from saediff.io import staged_outputs
+
+
+def save_final(trainer: Any, run_dir: Path) -> None:
+    """Fold the input scale into a copy of the SAE and save it in SAELens's format."""
+    import copy
+
+    sae = copy.deepcopy(trainer.sae).cpu()
+    scale = trainer.activation_scaler.scaling_factor
+    if scale is not None:
+        sae.fold_activation_norm_scaling_factor(scale)
+    sae.cfg.metadata.saediff_input_scale = scale
+    sae.cfg.metadata.saediff_steps = trainer.n_training_steps
+    sae.cfg.metadata.saediff_tokens = trainer.n_training_samples
+    # staged: cfg.json and the weights land together (never one from an older run)
+    with staged_outputs(run_dir, (), "saediff train") as stage:
+        sae.save_inference_model(stage)
