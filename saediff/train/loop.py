@@ -122,7 +122,7 @@ class TrainConfig(ModelSource):
     allow_partial: bool = False
     """Train on the committed prefix of an incomplete cache (NAME.h5.partial) instead of refusing."""
     layers: str | list[int] | None = None
-    """One SAE (or sweep) per layer of a multi-layer cache, into OUT/layer_<L>/ (6,12,18 or 0-29)."""
+    """One SAE (or sweep) per layer of a multi-layer cache or --live, in OUT/layer_<L>/ (6,12,18)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
