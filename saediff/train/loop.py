@@ -350,10 +350,11 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
             batches = {k: dp.local(b) for k, b in next_batches(store, keys).items()}
             outs = []
             for tr, (key, name, _) in zip(trainers, runs):
-                name = "/".join(p for p in (f"layer {key}" if key is not None else "", name) if p)
                 try:
                     outs.append(tr.step(batches[key]))
                 except FloatingPointError as exc:
+                    name = "/".join(p for p in (f"layer {key}" if key is not None else "", name)
+                                    if p)
                     where = f"last good checkpoint: step {last_ck}" if last_ck else \
                         "no checkpoint written yet"
                     raise SaediffError(f"non-finite loss at step {step}"
