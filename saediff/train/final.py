@@ -1,10 +1,20 @@
-"""The end of a training run: the trained SAE saved in SAELens's format (input scale folded in)."""
+"""A run directory's files: the trained SAE in SAELens's format (input scale folded in), and
+its metrics log cut back to a resumed checkpoint's step."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from saediff.io import staged_outputs
+from saediff.io import staged_outputs, write_text
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past `step` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def save_final(trainer: Any, run_dir: Path) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ from saediff.cache.source import ModelSource
 from saediff.config import config_to_dict
 from saediff.errors import SaediffError
 from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
-                        output_lock, safe_child, write_json, write_text)
+                        output_lock, safe_child, write_json)
 from saediff.train.data import (check_caches, estimate_scale, open_store,  # noqa: F401 (API)
                                 open_training_data)
-from saediff.train.final import save_final
+from saediff.train.final import save_final, truncate_metrics
 from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -226,13 +225,6 @@ def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
 
 # --- the loop --------------------------------------------------------------------------------
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    write_text(path, "".join(ln + "\n" for ln in keep))
-
-
 # Fields that may change between an interrupted run and its resumption (they do not change
 # what is trained); every other field must match the checkpoint's.
 RESUME_FREE = {"out", "d_in", "eval_rows", "eval_sequences", "checkpoint_every", "log_every",
@@ -337,7 +329,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
     for tr, (key, _, _) in zip(trainers, runs):
         tr.activation_scaler.scaling_factor = scales[key] if cfg.normalize else None
     for rdir in run_dirs if world.is_main else []:
-        _truncate_metrics(rdir / "metrics.jsonl", start)
+        truncate_metrics(rdir / "metrics.jsonl", start)
     extra = {"n_saes": len(trainers), "scale": packed_scales(scales, keys), "config": fields}
     last_ck = state and start
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
