@@ -32,12 +32,7 @@ def docs(tmp_path_factory, tiny_qwen, tiny_qwen_ft):
     from saediff.cache.writer import CacheConfig, build_cache
 
     d = tmp_path_factory.mktemp("live")
-    words = "the money bank save water food help good bad day walk eat sleep".split()
-    rng = np.random.default_rng(0)
-    with (d / "chat.jsonl").open("w") as fh:
-        for _ in range(120):
-            fh.write(json.dumps({"p": " ".join(rng.choice(words, 6)),
-                                 "r": " ".join(rng.choice(words, 10))}) + "\n")
+    tiny.write_chat_jsonl(d / "chat.jsonl")
     src = dict(base=str(tiny_qwen), finetuned=str(tiny_qwen_ft), layer=LAYER,
                dataset=str(d / "chat.jsonl"), prompt_field="p", response_field="r")
     cache = build_cache(CacheConfig(**src, out=str(d / "c.h5"), dtype="float32",

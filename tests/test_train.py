@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import tiny
 from saediff.errors import SaediffError
 from saediff.sae import load_sae
 from saediff.train.loop import TrainConfig, build_sae, check_caches, train
@@ -316,12 +317,7 @@ def lm_cache(tmp_path_factory, tiny_qwen, tiny_qwen_ft):
     from saediff.cache.writer import CacheConfig, build_cache
 
     d = tmp_path_factory.mktemp("lmcache")
-    words = "the money bank save water food help good bad day walk eat sleep".split()
-    rng = np.random.default_rng(0)
-    with (d / "chat.jsonl").open("w") as fh:
-        for _ in range(120):
-            fh.write(json.dumps({"p": " ".join(rng.choice(words, 6)),
-                                 "r": " ".join(rng.choice(words, 10))}) + "\n")
+    tiny.write_chat_jsonl(d / "chat.jsonl")
     return build_cache(CacheConfig(base=str(tiny_qwen), finetuned=str(tiny_qwen_ft), layer=1,
                                    dataset=str(d / "chat.jsonl"), prompt_field="p",
                                    response_field="r", out=str(d / "c.h5"), dtype="float32",

@@ -73,3 +73,18 @@ def perturb(src: Path, out: Path, scale: float = 0.05, seed: int = 1) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     return Path(out)
+
+
+def write_chat_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """`n` random one-turn chats ({"p": prompt, "r": response}) over a few words, seeded."""
+    import json
+
+    import numpy as np
+
+    words = "the money bank save water food help good bad day walk eat sleep".split()
+    rng = np.random.default_rng(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            fh.write(json.dumps({"p": " ".join(rng.choice(words, 6)),
+                                 "r": " ".join(rng.choice(words, 10))}) + "\n")
+    return path
