@@ -96,6 +96,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             fh.write(json_dumps(r) + "\n")
 
 
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one JSON line (NaN becomes null) in a single write call, so a killed run
+    leaves whole lines only, up to its last checkpoint's (a resume cuts the log back)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json_dumps(row) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def check_writable_dir(path: str | Path, what: str = "--out") -> Path:
     """Create `path` if needed and prove it writable *before* any model runs (exit 2 otherwise)."""
     p = Path(path)

@@ -152,7 +152,7 @@ def test_adapter_that_does_not_fully_load_is_refused(tmp_path, tiny_qwen, adapte
 # --- 3. the SAE's input kind fits the command ----------------------------------------------------
 
 def test_difference_sae_and_crosscoder_refused_by_diff_and_steer(tmp_path, capsys, tiny_qwen):
-    from saediff.crosscoder import Crosscoder, CrosscoderCfg
+    from saediff.sae.crosscoder import Crosscoder, CrosscoderCfg
 
     diff_sae = _topk_sae(tmp_path / "dsae", saediff_input="difference")
     cc = tmp_path / "cc"

@@ -261,7 +261,7 @@ def test_bad_live_input_is_refused_before_any_forward(docs, tmp_path, monkeypatc
 
 def test_live_cli_writes_evals_and_live_crosscoder_trains(docs, tmp_path):
     from saediff.cli import main
-    from saediff.crosscoder import Crosscoder
+    from saediff.sae.crosscoder import Crosscoder
 
     d, src, _ = docs
     flags = ["train", "--live", "--base", src["base"], "--finetuned", src["finetuned"],

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from saediff.crosscoder import Crosscoder, latent_scaling
+from saediff.sae.crosscoder import Crosscoder, latent_scaling
 from saediff.sae import load_sae
 from saediff.train.loop import TrainConfig, train
 from saediff.train.trainer import TensorStore
@@ -268,8 +268,8 @@ def test_compare_cli_on_the_rank1_organism(tmp_path):
 def test_crosscoder_aux_loss_known_answer():
     """AuxK: the k_aux = d_in/2 largest pre-ReLU outputs among dead latents reconstruct each
     model's residual error; only dead latents' decoder rows get a gradient."""
-    from saediff.crosscoder import CrosscoderCfg
-    from saediff.train.crosscoder import aux_loss
+    from saediff.sae.crosscoder import CrosscoderCfg
+    from saediff.train.crosscoder_trainer import aux_loss
 
     cc = Crosscoder(CrosscoderCfg(d_in=4, d_sae=6, k=1.0), seed=1)
     h = torch.tensor([[0.5, -1.0, 2.0, 3.0, -0.2, 0.1],

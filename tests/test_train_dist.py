@@ -126,10 +126,11 @@ def test_cuda_training_matches_cpu(setup):
 
 
 def test_crosscoder_two_ranks_equal_one_rank(setup):
-    """A crosscoder under torchrun: BatchTopK over the global batch, so 2 ranks give the 1-rank
-    weights, threshold, curve (dead latents and the auxiliary loss included) and evals."""
+    """A crosscoder under torchrun (the one loop's checkpoints included): BatchTopK over the
+    global batch, so 2 ranks give the 1-rank weights, threshold, curve (dead latents and the
+    auxiliary loss included) and evals."""
     tmp, cfg, _, _ = setup
-    cc = {**cfg, "architecture": "crosscoder", "d_sae": 64, "k": 2, "checkpoint_every": 0}
+    cc = {**cfg, "architecture": "crosscoder", "d_sae": 64, "k": 2}
     yml = tmp / "cc.yaml"
     yml.write_text(yaml.safe_dump(cc))
     (one,) = train(TrainConfig(**cc, out=str(tmp / "cc_one")))

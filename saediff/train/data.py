@@ -54,6 +54,9 @@ def open_training_data(cfg: Any, world: Any, store: Any = None
                                f"expected {cfg.d_in}")
         return store, info, models
     info = check_caches(cfg, cfg.d_in)
+    if cfg.architecture == "crosscoder" and not {"base", "finetuned"} <= set(info["sources"]):
+        raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
+                           f"finetuned; {cfg.cache} has {info['sources']}")
     # host batches: `dp.local` slices this rank's share before the (pinned) device copy
     return open_store(cfg, device="cpu"), info, None
 
@@ -144,15 +147,13 @@ def check_data_source(cfg: Any) -> None:
 
 
 def check_live_layers(cfg: Any) -> None:
-    """--live --layers: a readable list, not with --layer, SAEs only (no weights loaded)."""
+    """--live --layers: a readable list, not with --layer, in range (no weights loaded)."""
     from saediff.layerspec import check_layer_range, config_n_layers, parse_layers
 
     layers = parse_layers(cfg.layers)
     if cfg.layer is not None:
         raise SaediffError(f"give --layer or --layers, not both (--layer {cfg.layer}, "
                            f"--layers {cfg.layers})")
-    if cfg.architecture == "crosscoder":
-        raise SaediffError("--live --layers trains SAEs; train a crosscoder one --layer at a time")
     for name in (cfg.base, cfg.finetuned):
         if name:  # from config.json alone: a bad layer fails before any weights load
             check_layer_range(layers, config_n_layers(name), name)

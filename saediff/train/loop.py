@@ -1,12 +1,15 @@
-"""Train SAELens SAEs on one layer out of the HDF5 activation cache (no language model).
+"""Train dictionaries (SAELens SAEs, crosscoders) on one layer out of the HDF5 activation
+cache, or live from the model(s): the one training loop.
 
-One `ActivationStore` feeds every SAE of a sweep: each step reads one batch and all SAEs
-train on it. Each SAE has a SAELens `SAETrainer` (its optimizer bookkeeping, LR and
-coefficient schedules, dead-latent tracking); TopK/BatchTopK SAEs swap its dense train step
-for the sparse one in `saediff.train.sparse`. Inputs are scaled to mean norm sqrt(d_in) when
-`normalize` is on and the factor is folded into the saved weights, so a saved SAE works on raw
+One store feeds every dictionary of a sweep: each step reads one batch and every trainer
+trains on it. Each dictionary has a trainer of the `train.registry.DictionaryTrainer`
+interface: SAELens SAEs a SAELens `SAETrainer` (`train.trainer`; TopK/BatchTopK SAEs swap its
+dense step for the sparse one in `train.sparse`), crosscoders `train.crosscoder_trainer`.
+Inputs are scaled to mean norm sqrt(d_in) when `normalize` is on (`train.data.estimate_scale`)
+and the factor is folded into the saved weights, so a saved dictionary works on raw
 activations. Checkpoints are atomic and resume bit-for-bit (store position, optimizer,
-schedules, tracking state, RNG).
+schedules, tracking state, RNG). The steps read top to bottom in `_train` (setup steps in
+`train.run`).
 """
 from __future__ import annotations
 
@@ -23,19 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from saediff.cache.source import ModelSource
-from saediff.config import config_to_dict
 from saediff.errors import SaediffError
-from saediff.io import (check_writable_dir, json_dumps, mark_complete, mark_incomplete,
-                        output_lock, safe_child, write_json)
+from saediff.io import append_jsonl, mark_complete, output_lock
 from saediff.train.data import (check_caches, estimate_scale, open_store,  # noqa: F401 (API)
                                 open_training_data)
-from saediff.train.final import save_final, truncate_metrics
-from saediff.train.trainer import check_resume_config, load_checkpoint, save_checkpoint
+from saediff.train.registry import SAELENS_ARCHITECTURES, TRAINERS, build_sae  # noqa: F401
+from saediff.train.run import Run, build_trainers, open_run, prepare_dirs, resume
+from saediff.train.trainer import save_checkpoint
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk",
-                 "abstopk", "crosscoder")
+ARCHITECTURES = tuple(TRAINERS)
 INPUTS = ("activations", "difference")
 
 
@@ -152,9 +153,13 @@ class TrainConfig(ModelSource):
                                "--batch-size")
         if self.input not in INPUTS:
             raise SaediffError(f"input must be one of {INPUTS}, got {self.input!r}")
-        if self.architecture == "crosscoder" and (self.sweep or self.input != "activations"):
-            raise SaediffError("architecture crosscoder: no sweep, and input must be "
-                             "'activations' (it reads both models itself)")
+        if self.architecture == "crosscoder" and self.input != "activations":
+            raise SaediffError("architecture crosscoder: input must be 'activations' (it reads "
+                               "both models itself)")
+        swept = {self.architecture, *self.sweep.get("architecture", [])}
+        if "crosscoder" in swept and len(swept) > 1:  # one store: pairs, or one model's rows
+            raise SaediffError("sweep: a crosscoder reads (base, fine-tuned) pairs, an SAE one "
+                               "model's rows; sweep crosscoders and SAEs in separate runs")
         if not 0.0 < self.eval_fraction < 1.0:
             raise SaediffError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.lr <= 0:
@@ -185,63 +190,16 @@ def expand_sweep(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     return runs
 
 
-# --- SAE construction ------------------------------------------------------------------------
-
-def build_sae(cfg: TrainConfig, d_in: int, metadata: dict[str, Any]) -> Any:
-    """A SAELens training SAE of `cfg.architecture` (seeded by cfg.seed)."""
-    import sae_lens  # noqa: F401  (registers the architectures)
-    from sae_lens.registry import get_sae_training_class
-    from sae_lens.saes.sae import SAEMetadata
-
-    sae_cls, cfg_cls = get_sae_training_class(cfg.architecture)
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    kw: dict[str, Any] = {"d_in": d_in, "d_sae": cfg.d_sae, "device": cfg.device,
-                          "dtype": "float32",
-                          "normalize_activations": "expected_average_only_in" if cfg.normalize
-                          else "none"}
-    if "k" in names:
-        kw["k"] = cfg.k if cfg.architecture != "topk" and cfg.architecture != "abstopk" \
-            else int(cfg.k)
-    if "l1_coefficient" in names:
-        kw["l1_coefficient"] = cfg.l1_coefficient
-    if "l0_coefficient" in names:
-        kw["l0_coefficient"] = cfg.l1_coefficient
-    if cfg.architecture == "matryoshka_batchtopk" and "matryoshka_widths" not in cfg.sae_kwargs:
-        kw["matryoshka_widths"] = [cfg.d_sae // 4, cfg.d_sae // 2, cfg.d_sae]
-    unknown = set(cfg.sae_kwargs) - names
-    if unknown:
-        raise SaediffError(f"sae_kwargs: {sorted(unknown)} are not fields of "
-                           f"{cfg_cls.__name__} (known: {sorted(names)})")
-    kw.update(cfg.sae_kwargs)
-    torch.manual_seed(cfg.seed)
-    return sae_cls(cfg_cls(**kw, metadata=SAEMetadata(**metadata)))
-
-
-def _make_trainer(cfg: TrainConfig, sae: Any, store: Any) -> Any:
-    from saediff.train.trainer import FastSAETrainer
-
-    return FastSAETrainer(cfg, sae, store)
-
-
-# --- the loop --------------------------------------------------------------------------------
-
-# Fields that may change between an interrupted run and its resumption (they do not change
-# what is trained); every other field must match the checkpoint's.
-RESUME_FREE = {"out", "d_in", "eval_rows", "eval_sequences", "checkpoint_every", "log_every",
-               "device", "threads"}
-
-
-def _resume_fields(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
-
+# --- the loop (SAELens's `SAETrainer.fit` is the model: named steps, top to bottom) ----------
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True,
           store: Any = None) -> list[Path]:
-    """Train every SAE of `cfg` (resuming from `out` if it holds a checkpoint).
+    """Train every dictionary of `cfg` (resuming from `out` if it holds a checkpoint).
 
     Returns the run directories. `stop_after` ends the loop early at that step without
     finishing (used to simulate an interruption); `store` replaces the cache store (any
-    iterator of [B, d] batches with state_dict/load_state_dict, e.g. `TensorStore`).
+    iterator of [B, d] batches, [B, 2, d] for a crosscoder, with state_dict/load_state_dict,
+    e.g. `TensorStore`).
     """
     from saediff.dist import process_group, rank_device
     from saediff.train.ddp import check_supported
@@ -266,13 +224,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, evals: bool = True
 
 def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any, world: Any,
                threads: int) -> list[Path]:
-    if cfg.architecture == "crosscoder":
-        from saediff.train.crosscoder import train_crosscoder_run
-
-        return [train_crosscoder_run(cfg, store, world)]
     if cfg.input == "difference" and evals:
         evals = False  # the evals read raw activations of a source, not differences
         log.info("input=difference: skipping the per-source evals")
+    if evals and store is not None and not all(Path(c).is_file() for c in cfg.cache or []):
+        evals = False  # the evals read the config's caches; a given store is none of them
+        log.info("a store was given and the config's cache is absent: skipping the evals")
     try:
         return _train(cfg, stop_after, evals, store, world)
     finally:
@@ -282,116 +239,99 @@ def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any
 def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
            world: Any) -> list[Path]:
     from saediff.dist import barrier
-    from saediff.train.ddp import DataParallel
-    from saediff.train.layers import (group_scales, layer_groups, layer_meta, next_batches,
-                                      packed_scales)
+
+    from saediff.train.layers import layer_groups
 
     groups = layer_groups(cfg)  # (None, cfg), or --live --layers: (L, cfg at L) per layer
-    keys = [key for key, _ in groups]
     runs = [(key, name, rcfg) for key, lcfg in groups for name, rcfg in expand_sweep(lcfg)]
-    dp = DataParallel(world, cfg.batch_size, cfg.device)
-    store, info, models = open_training_data(cfg, world, store)
-    dp.rank_local = bool(getattr(store, "rank_local", False))
-    small = max(c.d_sae for _, _, c in runs) * cfg.batch_size * info["d_model"] < (1 << 30)
-    if cfg.threads or (small and cfg.device == "cpu" and not cfg.live):  # live: the LM wants them
-        torch.set_num_threads(cfg.threads or 1)
-    # rank 0 owns the run directory (metrics, checkpoints, final SAE, evals); others only read
-    root = check_writable_dir(cfg.out) if world.is_main else Path(cfg.out)
-    # YAML sweep values become directory names: none may leave --out
-    roots = {key: root if key is None else Path(lcfg.out) for key, lcfg in groups}
-    run_dirs = [safe_child(roots[key], name, "sweep run name") if name else roots[key]
-                for key, name, _ in runs]
-    base_model = info["models"].get("base", next(iter(info["models"].values()), {}))
-    meta = {"hook_name": info["hook_name"], "layer": info["layer"],
-            "model_name": base_model.get("name", ""), "saediff_sources": cfg.sources,
-            "saediff_input": cfg.input,
-            "saediff_caches": [str(p) for p in cfg.cache or []], "saediff_roles": cfg.roles,
-            "saediff_live": cfg.live,
-            "saediff_world_size": world.world_size}
-    # Build every SAE before writing anything, so a refused config leaves no half-made run dir.
-    trainers = [_make_trainer(rcfg, build_sae(rcfg, info["d_model"], layer_meta(meta, key)),
-                              store) for key, _, rcfg in runs]
-    for tr in trainers:
-        tr.ddp = dp if world.active else None
-    for (_, name, rcfg), rdir in zip(runs, run_dirs):
-        if world.is_main:
-            rdir.mkdir(parents=True, exist_ok=True)
-            write_json(rdir / "train_config.json", config_to_dict(rcfg))
-            mark_incomplete(rdir, "saediff train")  # load_sae refuses it until the end
-    barrier()
-    state = load_checkpoint(root, trainers, store)  # every rank resumes from the same one
-    fields = {**_resume_fields(cfg), "cache_models": info["models"], "cache_layer": info["layer"]}
-    check_resume_config(fields, state, root)
-    if state:
-        log.info("resumed from %s (step %d)", state["dir"], state["step"])
-    start = state["step"] if state else 0
-    scales = group_scales(cfg, store, info["d_model"], keys, state["scale"] if state else None)
-    for tr, (key, _, _) in zip(trainers, runs):
-        tr.activation_scaler.scaling_factor = scales[key] if cfg.normalize else None
-    for rdir in run_dirs if world.is_main else []:
-        truncate_metrics(rdir / "metrics.jsonl", start)
-    extra = {"n_saes": len(trainers), "scale": packed_scales(scales, keys), "config": fields}
-    last_ck = state and start
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
-               disable=None if world.is_main else True)
-    step = start
+    run = open_run(cfg, groups, runs, store, world)
+    run.trainers = build_trainers(run)  # before writing anything: a refusal leaves no run dir
+    prepare_dirs(run)
+    resume(run)
+    if not _fit(run, stop_after):
+        return run.dirs
+    if world.is_main:
+        _finish(run, evals)
+    barrier()  # the other ranks return once rank 0 has written the dictionaries and evals
+    return run.dirs
+
+
+def _fit(run: Run, stop_after: int | None) -> bool:
+    """Steps from the resumed one to the end; False when `stop_after` ended it early."""
+    cfg = run.cfg
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step",
+               disable=None if run.world.is_main else True)
+    step = run.start
     try:
         while step < cfg.steps:
             if stop_after is not None and step >= stop_after:
-                return run_dirs
-            batches = {k: dp.local(b) for k, b in next_batches(store, keys).items()}
-            outs = []
-            for tr, (key, name, _) in zip(trainers, runs):
-                try:
-                    outs.append(tr.step(batches[key]))
-                except FloatingPointError as exc:
-                    name = "/".join(p for p in (f"layer {key}" if key is not None else "", name)
-                                    if p)
-                    where = f"last good checkpoint: step {last_ck}" if last_ck else \
-                        "no checkpoint written yet"
-                    raise SaediffError(f"non-finite loss at step {step}"
-                                       f"{' in ' + name if name else ''} ({exc}); training "
-                                       f"stopped, {where} in {root / 'checkpoints'}") from exc
+                return False
+            outs = _train_step(run, step)
             step += 1
-            for tr in trainers:
-                tr.n_training_steps = step
-                tr.maybe_reset_sparsity()
-            checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
-                or step == cfg.steps
-            if checkpoint and hasattr(store, "sync_state"):
-                store.sync_state()  # a live store under torchrun: every rank's position
-            if not world.is_main:
-                continue
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                for tr, out, rdir in zip(trainers, outs, run_dirs):
-                    with (rdir / "metrics.jsonl").open("a") as fh:
-                        fh.write(json_dumps(tr.metrics(out, step)) + "\n")
-                bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
-                                l0=f"{float(outs[0]['l0']):.1f}")
-            if checkpoint:
-                save_checkpoint(root, step, trainers, store, extra)
-                last_ck = step
-            bar.update(1)
+            _after_step(run, step, outs, bar)
     finally:
         bar.close()
-        if hasattr(store, "close") and step >= cfg.steps:
-            store.close()
+        if hasattr(run.store, "close") and step >= cfg.steps:
+            run.store.close()
+    return True
+
+
+def _train_step(run: Run, step: int) -> list[dict[str, Any]]:
+    """Every trainer steps on this step's batch of its group; a non-finite loss stops the
+    run with one line naming the step, the run and the last good checkpoint."""
+    from saediff.train.layers import next_batches
+
+    batches = {k: run.dp.local(b) for k, b in next_batches(run.store, run.keys).items()}
+    outs = []
+    for tr, (key, name, _) in zip(run.trainers, run.runs):
+        try:
+            outs.append(tr.step(batches[key]))
+        except FloatingPointError as exc:
+            name = "/".join(p for p in (f"layer {key}" if key is not None else "", name) if p)
+            where = f"last good checkpoint: step {run.last_ck}" if run.last_ck else \
+                "no checkpoint written yet"
+            raise SaediffError(f"non-finite loss at step {step}"
+                               f"{' in ' + name if name else ''} ({exc}); training stopped, "
+                               f"{where} in {run.root / 'checkpoints'}") from exc
+    return outs
+
+
+def _after_step(run: Run, step: int, outs: list[dict[str, Any]], bar: Any) -> None:
+    """Step counters, then (rank 0) the metrics line and the checkpoint when due."""
+    cfg = run.cfg
+    for tr in run.trainers:
+        tr.n_training_steps = step
+        tr.maybe_reset_sparsity()
+    checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
+        or step == cfg.steps
+    if checkpoint and hasattr(run.store, "sync_state"):
+        run.store.sync_state()  # a live store under torchrun: every rank's position
+    if not run.world.is_main:
+        return
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        for tr, out, rdir in zip(run.trainers, outs, run.dirs):
+            append_jsonl(rdir / "metrics.jsonl", tr.metrics(out, step))
+        bar.set_postfix(loss=f"{float(outs[0]['loss'].detach()):.4g}",
+                        l0=f"{float(outs[0]['l0']):.1f}")
+    if checkpoint:
+        save_checkpoint(run.root, step, run.trainers, run.store, run.extra)
+        run.last_ck = step
+    bar.update(1)
+
+
+def _finish(run: Run, evals: bool) -> None:
+    """Rank 0: every dictionary saved and marked complete, its evals and training curves."""
+    from saediff.train.plots import write_curves
+
     # a live run's evals read its held-out documents, run once through the models, from RAM
     eval_caches: dict[Any, Any] = {}
-    if evals and cfg.live and world.is_main:  # per layer: one eval pass per layer
+    if evals and run.cfg.live:  # per layer: one eval pass per layer
         from saediff.train.data import live_eval_cache
 
-        eval_caches = {key: [live_eval_cache(lcfg, models)] for key, lcfg in groups}
-    for tr, rdir, (key, _, rcfg) in zip(trainers, run_dirs, runs) if world.is_main else []:
-        save_final(tr, rdir)
-        mark_complete(rdir)  # the SAE is whole: readers may load it (evals read it too)
+        eval_caches = {key: [live_eval_cache(lcfg, run.models)] for key, lcfg in run.groups}
+    for tr, rdir, (key, _, rcfg) in zip(run.trainers, run.dirs, run.runs):
+        tr.save_final(rdir)
+        mark_complete(rdir)  # the dictionary is whole: readers may load it (evals read it too)
         if evals:
-            from saediff.train.evals import write_evals
-
-            write_evals(rdir, rcfg, models=models, caches=eval_caches.get(key))
-        from saediff.train.plots import write_curves
-
+            tr.write_evals(rdir, rcfg, models=run.models, caches=eval_caches.get(key))
         write_curves(rdir / "metrics.jsonl", rdir / "curves.html")
-    barrier()  # the other ranks return once rank 0 has written the SAE and its evals
-    return run_dirs
-

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class FastSAETrainer(SAETrainer):
+    """A SAELens SAE's trainer for `train.loop` (the `registry.DictionaryTrainer` interface)."""
+
     def __init__(self, cfg: Any, sae: Any, store: Any):
         tcfg = SAETrainerConfig(
             total_training_samples=cfg.steps * cfg.batch_size,
@@ -140,6 +142,20 @@ class FastSAETrainer(SAETrainer):
                 "dead_frac": self.dead_neurons.float().mean().item(),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    # -- the run directory ----------------------------------------------------------------------
+    def save_final(self, run_dir: Path) -> None:
+        """The SAE in SAELens's format, input scale folded in (`train.final.save_final`)."""
+        from saediff.train.final import save_final
+
+        save_final(self, run_dir)
+
+    def write_evals(self, run_dir: Path, cfg: Any, models: dict[str, Any] | None = None,
+                    caches: list[Any] | None = None) -> Path:
+        """evals.json per source (`train.evals.write_evals`)."""
+        from saediff.train.evals import write_evals
+
+        return write_evals(run_dir, cfg, models=models, caches=caches)
+
     # -- state (safetensors + JSON, no pickle) --------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         t: dict[str, torch.Tensor] = {f"sae.{k}": v.detach().cpu().contiguous()
@@ -186,11 +202,12 @@ class FastSAETrainer(SAETrainer):
 
 
 class TensorStore:
-    """In-RAM stand-in for `ActivationStore`: shuffled batches of a [N, d] tensor, resumable."""
+    """In-RAM stand-in for `ActivationStore`: shuffled batches of a [N, d] tensor (a
+    crosscoder's: [N, 2, d] pairs), resumable."""
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.d_model = data.shape[1]
+        self.d_model = data.shape[-1]
         self.epoch = self.pos = 0
         self._perm = self._make_perm()
 

@@ -7,7 +7,7 @@ stream of one layer. `METHODS` maps a method name to its class.
 from __future__ import annotations
 
 from saediff.diff.methods.base import Candidate, Method, MethodInputs, paired_rows
-from saediff.diff.methods.crosscoder import CrosscoderMethod
+from saediff.diff.methods.crosscoder_latents import CrosscoderMethod
 from saediff.diff.methods.diff_sae import DiffSAEMethod
 from saediff.diff.methods.lora_b import LoraBMethod
 from saediff.diff.methods.mean_diff import MeanDiffMethod

@@ -17,7 +17,7 @@ class CrosscoderMethod(Method):
 
     @torch.no_grad()
     def candidates(self, inputs: MethodInputs, top: int = 5) -> list[Candidate]:
-        from saediff.crosscoder import latent_scaling
+        from saediff.sae.crosscoder import latent_scaling
         from saediff.sae import load_sae
 
         inputs.need(self.name, "crosscoder", "x_base", "x_ft")

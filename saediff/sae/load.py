@@ -24,11 +24,11 @@ _NOT_RESID = ("hook_resid_mid", "mlp_out", "attn_out", "hook_z", "hook_q", "hook
 
 def load_sae(path: str | Path, device: str = "cpu") -> Any:
     """The SAE saved in a run directory: a SAELens SAE, or a saediff crosscoder; or a SAELens
-    pretrained SAE named `sae_lens:RELEASE/SAE_ID` (`saediff.sae_pretrained`).
+    pretrained SAE named `sae_lens:RELEASE/SAE_ID` (`saediff.sae.pretrained`).
 
     Raw-activation input (any normalisation factor was folded into the weights at save time).
     """
-    from saediff.sae_pretrained import is_pretrained_ref, load_pretrained
+    from saediff.sae.pretrained import is_pretrained_ref, load_pretrained
 
     if is_pretrained_ref(path):
         return load_pretrained(str(path), device)
@@ -46,7 +46,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
         raise SaediffError(f"{path / 'cfg.json'} is not valid JSON ({exc}); "
                            "point at a run directory written by `saediff train`") from exc
     if cfg.get("architecture") == "crosscoder":
-        from saediff.crosscoder import Crosscoder
+        from saediff.sae.crosscoder import Crosscoder
 
         cc = Crosscoder.load(path, device=device)
         check_sae_weights(cc, path)
