@@ -2,58 +2,78 @@
 
 Pipeline: cache (activations to HDF5) -> train (SAELens SAEs) -> diff (rank latents by
 shift between base and fine-tuned) -> steer (clamp / add / ablate during generation).
+
+    import saediff
+    saediff.cache(saediff.CacheConfig(base=..., layer=L, out="acts.h5"))
+    saediff.train(saediff.TrainConfig(cache="acts.h5", out="runs/sae"))
+    res = saediff.run_diff(saediff.DiffConfig(base=..., finetuned=[...], sae="runs/sae", ...))
+    with saediff.steer(lm, sae, latent=j, clamp=0.0): ...
+    saediff.run_steer(saediff.SteerConfig(...))
+
+`cache`, `train` and `steer` are also the names of their stage subpackages: the subpackages are
+imported here first (their `__init__`s are light), then the names are bound to the entry points,
+so `saediff.steer` is always the function (import a stage's modules with `from saediff.steer
+import hooks`, not `import saediff.steer.hooks`). Everything else is exported lazily: importing
+saediff loads no torch, transformers or sae_lens until an entry point is called.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Lazy exports keep `import saediff` (and the CLI's start) cheap.
+for _stage in ("cache", "steer", "train"):  # the subpackages first: see the module docstring
+    importlib.import_module(f"saediff.{_stage}")
+del _stage
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+
+    from saediff.cache import CacheConfig
+    from saediff.train import TrainConfig
+
+# name -> module that defines it (the real objects, imported on first access)
 _EXPORTS = {
+    "run_diff": "saediff.diff.differ",
+    "run_steer": "saediff.steer.evaluate",
+    "CacheConfig": "saediff.cache",
+    "TrainConfig": "saediff.train",
+    "DiffConfig": "saediff.diff.data",
+    "SteerConfig": "saediff.steer.evaluate",
     "load_model": "saediff.models",
     "load_tokenizer": "saediff.models",
     "open_cache": "saediff.cache.format",
     "ActivationStore": "saediff.cache.store",
     "load_sae": "saediff.sae",
-    "steer": "saediff.steer",
     "SaediffError": "saediff.errors",
     "organism_path": "saediff.organism",
 }
 
 
-# Modules that moved when the package was split into one subpackage per stage: the old paths
-# keep importing (with a DeprecationWarning) until 0.3.
-_MOVED = {
-    "saediff.cachefile": "saediff.cache.format", "saediff.store": "saediff.cache.store",
-    "saediff.trainer": "saediff.train.trainer", "saediff.sparse": "saediff.train.sparse",
-    "saediff.sae_evals": "saediff.train.evals", "saediff.plots": "saediff.train.plots",
-    "saediff.diffdata": "saediff.diff.data", "saediff.evidence": "saediff.diff.evidence",
-    "saediff.directions": "saediff.diff.directions", "saediff.report": "saediff.diff.report",
-    "saediff.steer_eval": "saediff.steer.evaluate", "saediff.sweep": "saediff.steer.sweep",
-}
+def cache(cfg: CacheConfig, **kwargs: Any) -> Path:
+    """Stage 1: write the activation cache of `cfg` (`saediff.cache.build_cache`);
+    returns its path."""
+    from saediff.cache import build_cache
+
+    return build_cache(cfg, **kwargs)
 
 
-class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        return importlib.util.spec_from_loader(fullname, self) if fullname in _MOVED else None
+def train(cfg: TrainConfig, **kwargs: Any) -> Any:
+    """Stage 2: train the SAE(s) of `cfg` on a cache (`saediff.train.train`)."""
+    from saediff.train import train as train_
 
-    def create_module(self, spec: Any) -> Any:
-        new = _MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning,
-                      stacklevel=3)
-        return importlib.import_module(new)
-
-    def exec_module(self, module: Any) -> None:
-        pass
+    return train_(cfg, **kwargs)
 
 
-sys.meta_path.append(_MovedFinder())
+def steer(model: Any, sae: Any = None, latent: Any = None, **kwargs: Any
+          ) -> AbstractContextManager[None]:
+    """Stage 4: a context manager that clamps / adds / ablates during every forward inside it
+    (`saediff.steer.hooks.steer`, whose docstring lists the modes); hooks are removed on exit."""
+    from saediff.steer.hooks import steer as steer_
+
+    return steer_(model, sae, latent, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -62,4 +82,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'saediff' has no attribute {name!r}")
 
 
-__all__ = list(_EXPORTS) + ["__version__"]
+__all__ = ["cache", "train", "steer", *_EXPORTS, "__version__"]

@@ -182,7 +182,7 @@ def test_resume_after_sigkill_is_identical(tmp_path, tiny_qwen):
 def test_resume_after_torn_chunk_is_identical(tmp_path, tiny_qwen, data, monkeypatch, caplog):
     """A kill during the in-place rewrite of the commit chunk leaves its checksum wrong: the
     partial then serves (and resumes from) the sequences before that chunk only."""
-    import saediff.cache.writer as writer
+    from saediff.cache import writer
 
     monkeypatch.setattr(writer, "ACTS_CHUNK_BYTES", 64 * 32 * 2)  # 64-row chunks
     cfg = dict(base=str(tiny_qwen), layer=1, dataset=str(data), max_tokens=600, ctx_len=16,

@@ -79,7 +79,7 @@ def test_multi_layer_rows_equal_single_layer_rows(tmp_path, tiny_qwen, tiny_qwen
 
 
 def test_multi_layer_resume_and_verify(tmp_path, tiny_qwen, tiny_qwen_ft, data, monkeypatch):
-    import saediff.cache.writer as writer
+    from saediff.cache import writer
 
     ref = build_cache(_cfg(tmp_path, tiny_qwen, tiny_qwen_ft, data, "ref.h5", layers="0-2"))
     forward, calls = writer._forward_batch, []
@@ -115,7 +115,7 @@ def test_multi_layer_resume_and_verify(tmp_path, tiny_qwen, tiny_qwen_ft, data, 
                                       ("1,1", "more than once")])
 def test_bad_layers_one_line_exit_2_before_any_model(tmp_path, tiny_qwen, data, spec, msg,
                                                      monkeypatch, capsys):
-    import saediff.cache.writer as writer
+    from saediff.cache import writer
     from saediff.cli import main
 
     def no_model(*a, **k):

@@ -250,8 +250,9 @@ def test_demo_cache_lives_under_its_out(tmp_path, monkeypatch):
         seen["out"] = cfg.out
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("saediff.cache.build_cache", stop)
     import importlib
+
+    monkeypatch.setattr(importlib.import_module("saediff.cache"), "build_cache", stop)
 
     monkeypatch.setattr(importlib.import_module("saediff.organism.evaluate"), "evaluate",
                         lambda *a, **k: {"trained_topic": "health", "topics": {

@@ -100,18 +100,6 @@ def test_hooks_removed_after_exception(lm, sae):
     assert _no_hooks(lm)
 
 
-def test_steer_attribute_is_callable_after_submodule_import(lm, sae):
-    import saediff.steer
-    from saediff.steer import steer
-
-    assert callable(saediff.steer)
-    with saediff.steer(lm, sae, latent=J, clamp=0.0):
-        pass
-    with steer(lm, sae, latent=J, clamp=0.0):
-        pass
-    assert _no_hooks(lm)
-
-
 def test_bad_arguments(lm, sae):
     with pytest.raises(SaediffError, match="exactly one"):
         with saediff.steer(lm, sae, latent=J, clamp=0.0, add=1.0):

@@ -2,9 +2,25 @@
 
 `writer` builds the file (resumable, crash-safe), `format` defines and reads it
 (`open_cache`, `verify_cache`), `store` serves shuffled training batches (`ActivationStore`).
-"""
-from saediff.cache.format import CacheFile, open_cache, verify_cache
-from saediff.cache.store import ActivationStore
-from saediff.cache.writer import CacheConfig, build_cache
 
-__all__ = ["CacheConfig", "build_cache", "CacheFile", "open_cache", "verify_cache", "ActivationStore"]
+The exports load on first use (h5py, torch): `import saediff` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CacheConfig": "saediff.cache.writer", "build_cache": "saediff.cache.writer",
+    "CacheFile": "saediff.cache.format", "open_cache": "saediff.cache.format",
+    "verify_cache": "saediff.cache.format", "ActivationStore": "saediff.cache.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'saediff.cache' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

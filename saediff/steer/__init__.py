@@ -1,24 +1,23 @@
 """Stage 4 — steer: clamp / add / ablate a latent or direction during generation.
 
-`hooks` holds `steer` (the context manager), `evaluate` generates + judges under steering
-(`run_steer`), `sweep` scans coefficients and runs the causal checks.
+`hooks` holds `steer` (the context manager, also `saediff.steer`), `evaluate` generates + judges
+under steering (`run_steer`), `sweep` scans coefficients and runs the causal checks.
 
-`saediff.steer(...)` calls the context manager: the package itself is callable.
+The exports load on first use (torch): `import saediff` stays cheap.
 """
-import sys
-import types
+from __future__ import annotations
+
+import importlib
 from typing import Any
 
-from saediff.steer.hooks import steer
+_EXPORTS = {"steer": "saediff.steer.hooks", "run_steer": "saediff.steer.evaluate",
+            "SteerConfig": "saediff.steer.evaluate"}
 
 
-class _CallableModule(types.ModuleType):
-    # `import saediff.steer` binds the package to the attribute `saediff.steer`; keep
-    # `saediff.steer(lm, sae, ...)` working by making the package callable.
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return steer(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'saediff.steer' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _CallableModule
-
-__all__ = ["steer"]
+__all__ = list(_EXPORTS)
