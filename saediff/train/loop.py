@@ -238,8 +238,8 @@ def _train_one(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any
 
 def _train(cfg: TrainConfig, stop_after: int | None, evals: bool, store: Any,
            world: Any) -> list[Path]:
+    """Setup, fit, finish: the runs of one config, every one a trainer of the one loop."""
     from saediff.dist import barrier
-
     from saediff.train.layers import layer_groups
 
     groups = layer_groups(cfg)  # (None, cfg), or --live --layers: (L, cfg at L) per layer
