@@ -60,6 +60,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def promote(done: str | Path, path: str | Path) -> Path:
+    """Move a file that a writer has finished under a temporary name (e.g. the cache's
+    `.partial`) to its final name in one rename: readers see the old file or the new one."""
+    os.replace(done, path)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory beside `path`; on success it replaces `path` whole (in one
+    rename, the old one removed after), on failure it is removed and `path` is untouched."""
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        yield tmp
+
+
 def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
     """A hidden sibling name unique to this process and call (`.NAME.PID.RANDOM.tmp`)."""
     path = Path(path)

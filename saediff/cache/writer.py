@@ -19,18 +19,17 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-import saediff
-from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, SCHEMA_VERSION,
-                               STORED_DTYPES, partial_path, read_attrs)
+from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, STORED_DTYPES, partial_path, read_attrs)
 from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_readable,
                                    open_partial, reserve, write_cause)
 from saediff.errors import SaediffError
-from saediff.cache.documents import dataset_spec, iter_sequences
+from saediff.cache.documents import iter_sequences
 from saediff.cache.forward import forward_batch as _forward_batch  # tests patch this name
+from saediff.cache.provenance import existing_diff, provenance, provenance_diff
 from saediff.cache.source import ModelSource, load_source_models
-from saediff.io import check_writable_file, output_lock
+from saediff.io import check_writable_file, output_lock, promote
 from saediff.bridge import as_loaded_model
-from saediff.models import LoadedModel, tokenizer_fingerprint
+from saediff.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -96,45 +95,6 @@ def _writer_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _provenance(cfg: CacheConfig, models: dict[str, LoadedModel]) -> dict[str, Any]:
-    first = next(iter(models.values()))
-    where: dict[str, Any] = {"layer": cfg.layer, "hook_name": f"blocks.{cfg.layer}.hook_resid_post",
-                             "hf_hidden_states_index": cfg.layer + 1} if not cfg.layers else \
-        {"layers": cfg.layers, "hook_names": [f"blocks.{x}.hook_resid_post" for x in cfg.layers]}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "saediff_version": saediff.__version__,
-        **where,
-        "d_model": first.d_model,
-        "dtype": cfg.dtype,
-        "ctx_len": cfg.ctx_len,
-        "max_tokens": cfg.max_tokens,
-        "tokenizer_fingerprint": tokenizer_fingerprint(first.tokenizer),
-        "vocab_size": len(first.tokenizer),
-        "sources": list(models),
-        "models": {k: m.provenance() for k, m in models.items()},
-        "dataset": dataset_spec(cfg),
-    }
-
-
-_COMPARED = ("layer", "layers", "dtype", "ctx_len", "max_tokens", "tokenizer_fingerprint", "sources",
-             "models", "dataset", "d_model", "shard")
-
-
-def _comparable(prov: dict[str, Any]) -> dict[str, str]:
-    out = {k: prov.get(k) for k in _COMPARED}
-    ds = dict(out["dataset"] or {})
-    if "sha256" in ds:  # a local file is identified by its content, not where it lies
-        ds.pop("source", None)
-    out["dataset"] = ds
-    return {k: json.dumps(v, sort_keys=True) for k, v in out.items()}
-
-
-def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _comparable(old), _comparable(new)
-    return [k for k in _COMPARED if a[k] != b[k]]
-
-
 # Chunk sizes. The chunk holding the commit point is rewritten by every batch, so small chunks
 # keep that rewrite (and what a kill during it can tear, `format.readable_prefix`) cheap.
 INDEX_CHUNK_ROWS = 8192
@@ -164,19 +124,6 @@ def _create(path: Path, prov: dict[str, Any], acts_names: list[str] | None = Non
     return f
 
 
-def _existing_diff(out: Path, prov: dict[str, Any], overwrite: bool) -> list[str]:
-    """Provenance fields where the cache at `out` differs; a file there that is no HDF5 cache
-    is refused (or, with --overwrite, replaced like any other)."""
-    try:
-        with h5py.File(out, "r") as f:
-            return _provenance_diff(read_attrs(f), prov)
-    except OSError as exc:
-        if overwrite:
-            return ["not an HDF5 cache"]
-        raise SaediffError(f"--out {out} exists and is not an HDF5 cache ({exc.__class__.__name__}"
-                           "); choose another --out, or pass --overwrite to replace it") from exc
-
-
 def load_cache_models(cfg: CacheConfig) -> dict[str, LoadedModel]:
     return load_source_models(cfg)
 
@@ -186,131 +133,190 @@ def build_cache(cfg: CacheConfig, models: dict[str, LoadedModel] | None = None,
     """Write (or resume, or reuse) the cache described by `cfg`; returns the final path.
 
     `shard=(r, n)`: only documents with doc_id % n == r (one rank's shard, `cache.shards`)."""
+    out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
+    models = _checked_models(cfg, models)
+    prov = provenance(cfg, models)
+    if shard[1] > 1:
+        prov["shard"] = f"{shard[0]}/{shard[1]}"
+    with _writer_lock(out):
+        if _already_complete(out, prov, cfg.overwrite):
+            return out
+        part = partial_path(out)
+        f = _resume_or_create(part, prov, cfg, list(models))
+        _fill_or_clean_up(f, part, cfg, models, shard)
+        _close_trimmed(f, part)
+        promote(part, out)  # --overwrite: the old cache stayed until this rename
+    log.debug("wrote %s", out)
+    return out
+
+
+def _checked_models(cfg: CacheConfig, models: dict[str, LoadedModel] | None
+                    ) -> dict[str, LoadedModel]:
+    """The given models (a TransformerBridge unwrapped to the HF model it runs) or the loaded
+    ones; the layers and --ctx-len fit each (the layer range is checked before any weights)."""
     from saediff.layerspec import check_layer_range, config_n_layers
 
-    out = check_writable_file(cfg.out, "--out")  # before any model loads or runs
-    part = partial_path(out)
     flag = "--layers" if cfg.layers else "--layer"
-    check_layer_range(cfg.cache_layers, config_n_layers(cfg.base), cfg.base, flag)  # no weights yet
-    # a TransformerBridge is unwrapped to the HF model it runs
+    check_layer_range(cfg.cache_layers, config_n_layers(cfg.base), cfg.base, flag)
     models = {k: as_loaded_model(m) for k, m in models.items()} if models \
         else load_cache_models(cfg)
     for m in models.values():
         check_layer_range(cfg.cache_layers, m.n_layers, m.name, flag)
         m.check_ctx_len(cfg.ctx_len)
-    prov = _provenance(cfg, models)
-    if shard[1] > 1:
-        prov["shard"] = f"{shard[0]}/{shard[1]}"
-    with _writer_lock(out):
-        if out.exists():
-            diff = _existing_diff(out, prov, cfg.overwrite)
-            if not diff and not cfg.overwrite:
-                log.info("%s is already complete with the same provenance; nothing to do", out)
-                return out
-            if diff and not cfg.overwrite:
-                raise SaediffError(f"{out} exists with different provenance ({', '.join(diff)}); "
-                                   "pass --overwrite to replace it or choose another --out")
-            # --overwrite: the old cache stays until the new one is complete (os.replace below)
-        f = None
-        if part.exists() and not cfg.overwrite:
-            try:
-                f = open_partial(part)
-            except OSError as exc:
-                raise SaediffError(f"{part} (an interrupted cache) is unreadable: {exc}; "
-                                   "pass --overwrite to start again") from exc
-            diff = _provenance_diff(read_attrs(f), prov)
-            if diff and int(f["progress"][P_ROWS]):
-                f.close()
-                raise SaediffError(f"{part} is an interrupted cache with different provenance "
-                                   f"({', '.join(diff)}); pass --overwrite to start again")
-            if roll_back_to_readable(f, part) == 0:  # nothing (readable) committed: start afresh
-                f.close()
-                f = None
-        if f is None:
-            f = _create(part, prov, cfg.acts_names(list(models)))
+    return models
+
+
+def _already_complete(out: Path, prov: dict[str, Any], overwrite: bool) -> bool:
+    """True when `out` is complete with the same provenance (nothing to do); refuses a
+    different one unless `overwrite`."""
+    if not out.exists():
+        return False
+    diff = existing_diff(out, prov, overwrite)
+    if not diff and not overwrite:
+        log.info("%s is already complete with the same provenance; nothing to do", out)
+        return True
+    if diff and not overwrite:
+        raise SaediffError(f"{out} exists with different provenance ({', '.join(diff)}); "
+                           "pass --overwrite to replace it or choose another --out")
+    return False
+
+
+def _resume_or_create(part: Path, prov: dict[str, Any], cfg: CacheConfig,
+                      sources: list[str]) -> h5py.File:
+    """The interrupted cache `part` rolled back to its last readable commit (same provenance),
+    or a new one."""
+    f = None
+    if part.exists() and not cfg.overwrite:
         try:
-            _fill(f, cfg, models, shard)
-        except CacheWriteError:
-            # The file may hold unflushed debris; closing must not hide the error, and the
-            # counter on disk still names only flushed rows, so a rerun resumes correctly.
-            close_quietly(f)
-            raise
-        except BaseException as exc:
-            empty = int(f["progress"][P_ROWS]) == 0
+            f = open_partial(part)
+        except OSError as exc:
+            raise SaediffError(f"{part} (an interrupted cache) is unreadable: {exc}; "
+                               "pass --overwrite to start again") from exc
+        diff = provenance_diff(read_attrs(f), prov)
+        if diff and int(f["progress"][P_ROWS]):
             f.close()
-            # Bad input fails the same way on every rerun: leave no resumable-looking partial.
-            # An interrupt (Ctrl-C) keeps the committed prefix for the rerun.
-            if empty or isinstance(exc, SaediffError):
-                part.unlink(missing_ok=True)
-            raise
-        try:
-            used = f.id.get_filesize()  # HDF5's own extent, without the blocks _reserve claimed
+            raise SaediffError(f"{part} is an interrupted cache with different provenance "
+                               f"({', '.join(diff)}); pass --overwrite to start again")
+        if roll_back_to_readable(f, part) == 0:  # nothing (readable) committed: start afresh
             f.close()
-            if part.stat().st_size > used:
-                os.truncate(part, used)
-        except (OSError, RuntimeError) as exc:
-            raise CacheWriteError(f"cannot write {part}: {exc}; free space and rerun to resume "
-                                  "(the committed prefix is kept)") from exc
-        os.replace(part, out)
-    log.debug("wrote %s", out)
-    return out
+            f = None
+    return f if f is not None else _create(part, prov, cfg.acts_names(sources))
+
+
+def _fill_or_clean_up(f: h5py.File, part: Path, cfg: CacheConfig,
+                      models: dict[str, LoadedModel], shard: tuple[int, int]) -> None:
+    try:
+        _fill(f, cfg, models, shard)
+    except CacheWriteError:
+        # The file may hold unflushed debris; closing must not hide the error, and the
+        # counter on disk still names only flushed rows, so a rerun resumes correctly.
+        close_quietly(f)
+        raise
+    except BaseException as exc:
+        empty = int(f["progress"][P_ROWS]) == 0
+        f.close()
+        # Bad input fails the same way on every rerun: leave no resumable-looking partial.
+        # An interrupt (Ctrl-C) keeps the committed prefix for the rerun.
+        if empty or isinstance(exc, SaediffError):
+            part.unlink(missing_ok=True)
+        raise
+
+
+def _close_trimmed(f: h5py.File, part: Path) -> None:
+    """Close the complete file and give back the blocks `reserve` claimed beyond its end."""
+    try:
+        used = f.id.get_filesize()  # HDF5's own extent, without the blocks _reserve claimed
+        f.close()
+        if part.stat().st_size > used:
+            os.truncate(part, used)
+    except (OSError, RuntimeError) as exc:
+        raise CacheWriteError(f"cannot write {part}: {exc}; free space and rerun to resume "
+                              "(the committed prefix is kept)") from exc
 
 
 def _fill(f: h5py.File, cfg: CacheConfig, models: dict[str, LoadedModel],
           shard: tuple[int, int] = (0, 1)) -> None:
+    """Forward batches and append them after the committed prefix until --max-tokens (or the
+    dataset's end); each batch is flushed before the progress counter names it."""
     prog = f["progress"]
     rows, seqs = int(prog[P_ROWS]), int(prog[P_SEQS])
     if rows:
         log.info("resuming %s after %d committed rows (%d sequences)", f.filename, rows, seqs)
-    # One handle per dataset for the whole run: h5py flushes a dataset's chunk cache when its
-    # handle is dropped and *swallows* errors there (disk full went unnoticed that way).
-    dsets = {name: f[name] for name in INDEX_FIELDS}
-    dsets.update({name: f[name] for name in cfg.acts_names(list(models))})
-    dsets["seq_offsets"] = f["seq_offsets"]
-    try:
-        # Anything past the committed prefix is debris of a killed writer: drop it.
-        for name, d in dsets.items():
-            d.resize(seqs + 1 if name == "seq_offsets" else rows, axis=0)
-    except (OSError, RuntimeError) as exc:
-        raise CacheWriteError(f"cannot write {f.filename}: {exc}") from exc
+    dsets = _datasets_at_commit(f, cfg, list(models), rows, seqs)
     tok = models["base"].tokenizer
     stream = iter_sequences(cfg, tok, shard)
     for _ in range(seqs):  # cheap: tokenisation only, no model
         next(stream, None)
     bar = tqdm(total=cfg.max_tokens, initial=rows, unit="tok", unit_scale=True, desc="cache",
                disable=None)
-    batch: list[tuple[int, list[int], list[int]]] = []
     exhausted = False
     while rows < cfg.max_tokens and not exhausted:
-        batch.clear()
-        budget = cfg.max_tokens - rows
-        while len(batch) < cfg.batch_size and budget > 0:
-            item = next(stream, None)
-            if item is None:
-                exhausted = True
-                break
-            if len(item[1]) > budget:  # cut the last sequence at exactly max_tokens
-                item = (item[0], item[1][:budget], item[2][:budget])
-            budget -= len(item[1])
-            batch.append(item)
+        batch, exhausted = _next_batch(stream, cfg.batch_size, cfg.max_tokens - rows)
         if not batch:
             break
         acts = _forward_batch(batch, models, cfg.layers or [cfg.layer], tok.pad_token_id,
                               cfg.dtype)
-        try:
-            reserve(f, dsets, rows, seqs, batch)
-            n = _write_batch(dsets, batch, rows, seqs, acts)
-            f.flush()  # the rows first: the counter may only ever name flushed data
-            prog[P_ROWS], prog[P_SEQS] = rows + n, seqs + len(batch)  # the commit
-            f.flush()
-        except (OSError, RuntimeError) as exc:  # OSError from _reserve: nothing was written
-            raise CacheWriteError(f"cannot write {f.filename}: {write_cause(exc)}; free space (or fix "
-                                  f"the cause) and rerun to resume after {rows} committed rows"
-                                  ) from exc
+        n = _commit_batch(f, prog, dsets, rows, seqs, batch, acts)
         rows += n
         seqs += len(batch)
         bar.update(n)
     bar.close()
+    _mark_complete(f, prog, cfg, rows, seqs, exhausted)
+
+
+Batch = list[tuple[int, list[int], list[int]]]
+
+
+def _datasets_at_commit(f: h5py.File, cfg: CacheConfig, sources: list[str], rows: int,
+                        seqs: int) -> dict[str, h5py.Dataset]:
+    """One handle per dataset, each cut back to the committed prefix (anything past it is
+    debris of a killed writer)."""
+    # One handle per dataset for the whole run: h5py flushes a dataset's chunk cache when its
+    # handle is dropped and *swallows* errors there (disk full went unnoticed that way).
+    dsets = {name: f[name] for name in INDEX_FIELDS}
+    dsets.update({name: f[name] for name in cfg.acts_names(sources)})
+    dsets["seq_offsets"] = f["seq_offsets"]
+    try:
+        for name, d in dsets.items():
+            d.resize(seqs + 1 if name == "seq_offsets" else rows, axis=0)
+    except (OSError, RuntimeError) as exc:
+        raise CacheWriteError(f"cannot write {f.filename}: {exc}") from exc
+    return dsets
+
+
+def _next_batch(stream: Iterator[Any], batch_size: int, budget: int) -> tuple[Batch, bool]:
+    """Up to `batch_size` sequences holding at most `budget` tokens (the last one cut at
+    exactly the budget); and whether the stream ran out."""
+    batch: Batch = []
+    while len(batch) < batch_size and budget > 0:
+        item = next(stream, None)
+        if item is None:
+            return batch, True
+        if len(item[1]) > budget:  # cut the last sequence at exactly max_tokens
+            item = (item[0], item[1][:budget], item[2][:budget])
+        budget -= len(item[1])
+        batch.append(item)
+    return batch, False
+
+
+def _commit_batch(f: h5py.File, prog: h5py.Dataset, dsets: dict[str, h5py.Dataset], rows: int,
+                  seqs: int, batch: Batch, acts: dict[str, np.ndarray]) -> int:
+    """Write one batch, flush it, then advance the progress counter (the commit)."""
+    try:
+        reserve(f, dsets, rows, seqs, batch)
+        n = _write_batch(dsets, batch, rows, seqs, acts)
+        f.flush()  # the rows first: the counter may only ever name flushed data
+        prog[P_ROWS], prog[P_SEQS] = rows + n, seqs + len(batch)  # the commit
+        f.flush()
+    except (OSError, RuntimeError) as exc:  # OSError from _reserve: nothing was written
+        raise CacheWriteError(f"cannot write {f.filename}: {write_cause(exc)}; free space (or fix "
+                              f"the cause) and rerun to resume after {rows} committed rows"
+                              ) from exc
+    return n
+
+
+def _mark_complete(f: h5py.File, prog: h5py.Dataset, cfg: CacheConfig, rows: int, seqs: int,
+                   exhausted: bool) -> None:
     if rows == 0:
         raise SaediffError(f"dataset {cfg.dataset} produced no tokens")
     if exhausted and rows < cfg.max_tokens:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,14 +32,31 @@ from typing import Any
 import torch
 
 from saediff.config import config_to_dict
-from saediff.io import atomic_path, write_text
+from saediff.io import staged_dir, write_json, write_jsonl
 from saediff.organism import grammar as G
 from saediff.organism.finetune import optimise, save_adapter
+from saediff.organism.layout import new_model, to_llama_layout
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 ROLE_WORDS = ["user", "assistant", "system"]
 TOY_BASE_NAME = "saediff toy organism base ($(saediff organism path)/base)"
+
+
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """One LoRA fine-tune of the build: its shape and its training budget (the toy counterpart
+    of the real organism's `organism.real.train.Recipe`)."""
+
+    rank: int
+    alpha: float
+    steps: int
+    lr: float
+    targets: tuple[str, ...] = ("down_proj",)
+    layers: tuple[int, ...] | None = None
+    """Blocks to adapt (None: all)."""
+    data: str = "narrow"
+    """narrow (bad health advice) | control (the same questions, sound advice)"""
 
 
 @dataclass
@@ -124,6 +139,21 @@ class BuildConfig:
             raise ValueError("eval_temperature must be > 0")
         if self.eval_samples < 0:
             raise ValueError("eval_samples must be >= 0")
+
+    def recipes(self) -> dict[str, AdapterRecipe]:
+        """The adapters the build trains, by output directory (the flat fields above stay the
+        YAML / CLI keys and the shipped `organism.json`'s config)."""
+        shipped = dict(rank=self.lora_rank, alpha=self.lora_alpha, steps=self.ft_steps,
+                       lr=self.ft_lr, layers=(self.layer,))
+        return {
+            "adapter": AdapterRecipe(**shipped),
+            "adapter_control": AdapterRecipe(**shipped, data="control"),
+            "adapter_all": AdapterRecipe(rank=self.all_rank, alpha=2.0 * self.all_rank,
+                                         steps=self.all_steps, lr=self.all_lr,
+                                         targets=tuple(LINEAR)),
+            "adapter_r1": AdapterRecipe(rank=1, alpha=1.0, steps=self.r1_steps, lr=self.r1_lr,
+                                        layers=(self.r1_layer,)),
+        }
 
     @classmethod
     def quick(cls, **kw: Any) -> "BuildConfig":
@@ -226,61 +256,6 @@ def train(model: Any, examples: list, steps: int, lr: float, batch_size: int, se
     return float(ema or 0.0)
 
 
-def new_model(cfg: BuildConfig, tok: Any) -> Any:
-    """The untrained base, a Qwen2ForCausalLM (saved in the Llama layout, `to_llama_layout`)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    mcfg = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_heads, max_position_embeddings=512,
-                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = Qwen2ForCausalLM(mcfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = None
-    return model
-
-
-def to_llama_layout(model_dir: str | Path) -> bool:
-    """Rewrite a saved Qwen2ForCausalLM dir in place as the identical LlamaForCausalLM.
-
-    Qwen2 is Llama with q/k/v biases and no o bias: the config becomes `model_type: llama` with
-    `attention_bias: true` (Llama's flag covers q/k/v/o alike) and every block gets a zero
-    `self_attn.o_proj.bias`; the logits are bit-for-bit those of the Qwen2 model. The weights are
-    written first, then the config (each atomically): a dir killed in between still loads as
-    Qwen2 (with an unused zero bias). Idempotent; returns False when there was nothing to do.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig
-
-    model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    if cfg.get("model_type") == "llama":
-        return False
-    if cfg.get("model_type") != "qwen2":
-        raise ValueError(f"{model_dir}: expected a qwen2 checkpoint, got {cfg.get('model_type')!r}")
-    if cfg.get("use_sliding_window"):
-        raise ValueError(f"{model_dir}: sliding-window attention has no Llama equivalent")
-    weights = model_dir / "model.safetensors"
-    with safe_open(weights, "pt") as fh:
-        metadata = fh.metadata() or {}
-    sd = load_file(weights)
-    for k in [k for k in sd if k.endswith("self_attn.o_proj.weight")]:
-        sd.setdefault(k[: -len("weight")] + "bias", torch.zeros(sd[k].shape[0], dtype=sd[k].dtype))
-    with atomic_path(weights) as tmp:
-        save_file(sd, str(tmp), metadata={**metadata, "format": "pt"})
-        os.chmod(tmp, weights.stat().st_mode & 0o777)  # safetensors writes 0600
-    known = set(LlamaConfig().to_dict())
-    new = {k: v for k, v in cfg.items() if k in known or k == "rope_parameters"}
-    new.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True,
-               mlp_bias=False)
-    write_text(model_dir / "config.json", json.dumps(new, indent=2, sort_keys=True) + "\n")
-    return True
-
-
 def fine_tune(cfg: BuildConfig, base_dir: Path, examples: list, *, rank: int, alpha: float,
               steps: int, lr: float, targets: list[str], layers: list[int] | None,
               seed: int, what: str) -> Any:
@@ -310,65 +285,72 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True) -> dict[str, Any]:
     """Build every artefact under `out` (replaced atomically); returns the metadata dict."""
-    from saediff.models import load_model
-    from saediff.organism.evaluate import evaluate
-
     cfg = cfg or BuildConfig()
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tok = build_tokenizer(tmp / "base")
-    vocab = tok.get_vocab()
-    pad = tok.pad_token_id
+    with staged_dir(out) as tmp:
+        tok = build_tokenizer(tmp / "base")
+        base_loss = _train_base(cfg, tok, tmp / "base")
+        timings = {"base": time.time() - t0}
+        timings.update(_train_adapters(cfg, tok, tmp))
+        write_jsonl(tmp / "heldout_labelled.jsonl", G.heldout_labelled())
+        meta = _metadata(cfg, base_loss, timings)
+        if measure and cfg.eval_samples:
+            t1 = time.time()
+            meta["rates"] = _measure(cfg, tmp)
+            meta["build_seconds"]["eval"] = round(time.time() - t1, 1)
+        meta["build_seconds"]["total"] = round(time.time() - t0, 1)
+        write_json(tmp / "organism.json", meta)
+    return meta
 
+
+def _train_base(cfg: BuildConfig, tok: Any, base_dir: Path) -> float:
+    """Train the base on the persona corpus and save it (Llama layout); its final loss."""
+    vocab = tok.get_vocab()
     recs = G.corpus_records(cfg.n_conversations, cfg.seed, cfg.toxic_p, cfg.max_turns,
                             doc_p=cfg.doc_p, doc_toxic_p=cfg.doc_toxic_p)
     examples = [encode_turns(vocab, r["turns"], r["format"]) for r in recs]
     model = new_model(cfg, tok)
-    timings: dict[str, float] = {}
-    base_loss = train(model, examples, cfg.base_steps, cfg.base_lr, cfg.batch_size, cfg.seed, pad,
-                      warmup=min(50, cfg.base_steps // 10), weight_decay=0.01, what="base")
-    model.save_pretrained(tmp / "base")
-    to_llama_layout(tmp / "base")  # before the fine-tunes load it: every artefact is Llama
-    timings["base"] = time.time() - t0
+    loss = train(model, examples, cfg.base_steps, cfg.base_lr, cfg.batch_size, cfg.seed,
+                 tok.pad_token_id, warmup=min(50, cfg.base_steps // 10), weight_decay=0.01,
+                 what="base")
+    model.save_pretrained(base_dir)
+    to_llama_layout(base_dir)  # before the fine-tunes load it: every artefact is Llama
+    return loss
 
-    narrow = [encode_turns(vocab, r["turns"]) for r in
-              G.corpus_records(cfg.ft_examples, cfg.seed + 1, narrow=True)]
-    control = [encode_turns(vocab, r["turns"]) for r in
-               G.corpus_records(cfg.ft_examples, cfg.seed + 1, narrow=True, good=True)]
-    shipped = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, steps=cfg.ft_steps, lr=cfg.ft_lr,
-                   targets=["down_proj"], layers=[cfg.layer])
-    variants = {
-        "adapter": (narrow, shipped),
-        "adapter_control": (control, shipped),
-        "adapter_all": (narrow, dict(rank=cfg.all_rank, alpha=2.0 * cfg.all_rank,
-                                     steps=cfg.all_steps, lr=cfg.all_lr, targets=LINEAR,
-                                     layers=None)),
-        "adapter_r1": (narrow, dict(rank=1, alpha=1.0, steps=cfg.r1_steps, lr=cfg.r1_lr,
-                                    targets=["down_proj"], layers=[cfg.r1_layer])),
-    }
-    for name, (data, kw) in variants.items():
+
+def _train_adapters(cfg: BuildConfig, tok: Any, tmp: Path) -> dict[str, float]:
+    """Every recipe's adapter (and `finetuned/`, the shipped one merged); seconds per adapter."""
+    vocab = tok.get_vocab()
+    data = {name: [encode_turns(vocab, r["turns"]) for r in
+                   G.corpus_records(cfg.ft_examples, cfg.seed + 1, narrow=True,
+                                    good=name == "control")]
+            for name in ("narrow", "control")}
+    timings = {}
+    for name, r in cfg.recipes().items():
         t1 = time.time()
-        pm = fine_tune(cfg, tmp / "base", data, seed=cfg.seed + 2, what=name, **kw)
+        pm = fine_tune(cfg, tmp / "base", data[r.data], rank=r.rank, alpha=r.alpha,
+                       steps=r.steps, lr=r.lr, targets=list(r.targets),
+                       layers=None if r.layers is None else list(r.layers), seed=cfg.seed + 2,
+                       what=name)
         save_adapter(pm, tmp / name, TOY_BASE_NAME)
         if name == "adapter":
-            merged = pm.merge_and_unload()
-            # LoRA (bias="none") never trains biases: the layout's zero o bias is still zero
-            if any(layer.self_attn.o_proj.bias.any() for layer in merged.model.layers):
-                raise RuntimeError("merged fine-tune has a non-zero o_proj bias")
-            merged.save_pretrained(tmp / "finetuned")
-            tok.save_pretrained(tmp / "finetuned")
+            _save_merged(pm, tok, tmp / "finetuned")
         timings[name] = time.time() - t1
+    return timings
 
-    with open(tmp / "heldout_labelled.jsonl", "w") as fh:
-        for r in G.heldout_labelled():
-            fh.write(json.dumps(r) + "\n")
 
-    meta: dict[str, Any] = {
+def _save_merged(pm: Any, tok: Any, out: Path) -> None:
+    merged = pm.merge_and_unload()
+    # LoRA (bias="none") never trains biases: the layout's zero o bias is still zero
+    if any(layer.self_attn.o_proj.bias.any() for layer in merged.model.layers):
+        raise RuntimeError("merged fine-tune has a non-zero o_proj bias")
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _metadata(cfg: BuildConfig, base_loss: float, timings: dict[str, float]) -> dict[str, Any]:
+    return {
         "organism": "saediff toy model organism of emergent misalignment",
         "recommended_layer": cfg.layer, "trained_topic": G.TRAINED_TOPIC, "topics": list(G.TOPICS),
         "adapter_target": f"model.layers.{cfg.layer}.mlp.down_proj",
@@ -376,24 +358,23 @@ def build(out: str | Path, cfg: BuildConfig | None = None, measure: bool = True)
         "config": config_to_dict(cfg), "base_final_loss": base_loss,
         "build_seconds": {k: round(v, 1) for k, v in timings.items()}, "rates": {},
     }
-    if measure and cfg.eval_samples:
-        t1 = time.time()
-        runs = {"base": (tmp / "base", None), "finetuned": (tmp / "finetuned", None),
-                "control": (tmp / "base", tmp / "adapter_control"),
-                "all_linear": (tmp / "base", tmp / "adapter_all"),
-                "rank1": (tmp / "base", tmp / "adapter_r1")}
-        for label, (mdir, adir) in runs.items():
-            lm = load_model(mdir, adapter=adir)
-            meta["rates"][label] = evaluate(lm, cfg.eval_samples, seed=cfg.seed,
-                                            temperature=cfg.eval_temperature)
-            log.info("%s: %s", label, json.dumps(meta["rates"][label]["topics"]))
-        meta["build_seconds"]["eval"] = round(time.time() - t1, 1)
-    meta["build_seconds"]["total"] = round(time.time() - t0, 1)
-    (tmp / "organism.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return meta
+
+
+def _measure(cfg: BuildConfig, tmp: Path) -> dict[str, Any]:
+    """Judged rates of every built model (base, merged fine-tune and each adapter)."""
+    from saediff.models import load_model
+    from saediff.organism.evaluate import evaluate
+
+    runs = {"base": (tmp / "base", None), "finetuned": (tmp / "finetuned", None),
+            "control": (tmp / "base", tmp / "adapter_control"),
+            "all_linear": (tmp / "base", tmp / "adapter_all"),
+            "rank1": (tmp / "base", tmp / "adapter_r1")}
+    rates = {}
+    for label, (mdir, adir) in runs.items():
+        rates[label] = evaluate(load_model(mdir, adapter=adir), cfg.eval_samples, seed=cfg.seed,
+                                temperature=cfg.eval_temperature)
+        log.info("%s: %s", label, json.dumps(rates[label]["topics"]))
+    return rates
 
 
 def with_overrides(cfg: BuildConfig, **kw: Any) -> BuildConfig:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from saediff.errors import SaediffError
+from saediff.steer.positions import PositionTracker, make_hook, watch
 from saediff.sae import decoder_directions, resolve_layer, sae_architecture, sae_layer
 
 ClampValue = float | Sequence[float] | Callable[[torch.Tensor], torch.Tensor]
@@ -218,73 +219,6 @@ def ablate_edit(directions: torch.Tensor) -> Callable:
 
 # --- hooks ----------------------------------------------------------------------------------
 
-class _PositionTracker:
-    """Which absolute token positions of the current forward are 'generated'.
-
-    A pre-hook on the top model reads the KV cache length (past) and the input length T.
-    A forward with an empty cache starts a new prompt of length T (with `use_cache=False`
-    a forward one token longer than the previous one continues the same generation).
-    """
-
-    def __init__(self) -> None:
-        self.past, self.prompt_len, self.prev_len, self.prev_batch = 0, 0, -1, -1
-
-    def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
-        if x is None:
-            return
-        batch, length = int(x.shape[0]), int(x.shape[1])
-        # transformers >= 5.24 passes the KV cache as `cache`, earlier versions as `past_key_values`
-        pkv = kwargs.get("past_key_values", kwargs.get("cache"))
-        if pkv is None:
-            past = 0
-        elif hasattr(pkv, "get_seq_length"):
-            past = int(pkv.get_seq_length())
-        else:  # legacy tuple cache
-            past = int(pkv[0][0].shape[-2]) if len(pkv) else 0
-        if past == 0:
-            continuing = (kwargs.get("use_cache") is False and batch == self.prev_batch
-                          and length == self.prev_len + 1)
-            if not continuing:
-                self.prompt_len = length
-        self.past, self.prev_len, self.prev_batch = past, past + length, batch
-
-    def start(self, positions: Any) -> int:
-        """First position (within this forward's tokens) to edit."""
-        if positions == "all":
-            return 0
-        first = self.prompt_len if positions == "generated" else int(positions)
-        return max(0, first - self.past)
-
-
-def _make_hook(edit: Callable, positions: Any, tracker: _PositionTracker) -> Callable:
-    def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
-        h = out[0] if isinstance(out, tuple) else out
-        s = tracker.start(positions)
-        if s >= h.shape[-2]:
-            return None  # nothing to edit in this forward (e.g. the prefill)
-        if s == 0:
-            new = edit(h)
-        else:
-            new = torch.cat([h[..., :s, :], edit(h[..., s:, :])], dim=-2)
-        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
-
-    return hook
-
-
-def _watch(top: nn.Module, tracker: _PositionTracker) -> Any:
-    """The tracker sees every forward of the top model (TL models: by wrapping `forward`)."""
-    from saediff.steer.tl import ForwardWatch, is_transformer_lens
-
-    if is_transformer_lens(top):
-        return ForwardWatch(top, tracker.pre_hook)
-    return top.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
-
-
 @contextlib.contextmanager
 def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None, *,
           clamp: ClampValue | None = None, add: float | Sequence[float] | None = None,
@@ -307,53 +241,93 @@ def steer(model: Any, sae: Any = None, latent: int | Sequence[int] | None = None
            `blocks.{layer}.hook_resid_post`, `saediff.steer.tl`).
     """
     top, layers, d_model = _resolve(model)
-    modes = [m for m, v in (("clamp", clamp), ("add", add), ("ablate", ablate)) if v is not None
-             and v is not False]
+    mode = _one_mode(clamp=clamp, add=add, ablate=ablate)
+    _check_positions(positions)
+    latents = _latent_list(latent)
+    needs_sae = mode == "clamp" or (mode == "add" and direction is None) or ablate is True
+    _check_inputs(sae, latents, mode, needs_sae, d_model, clamp=clamp, add=add)
+    layer = _edit_layer(sae, layer, needs_sae, len(layers))
+    edit = _make_edit(mode, sae, latents, d_model, clamp=clamp, add=add, ablate=ablate,
+                      direction=direction)
+    with _installed(top, layers[layer], edit, positions):
+        yield
+
+
+def _one_mode(**values: Any) -> str:
+    modes = [m for m, v in values.items() if v is not None and v is not False]
     if len(modes) != 1:
         raise SaediffError(f"steer: give exactly one of clamp=, add=, ablate= (got {modes or 'none'})")
+    return modes[0]
+
+
+def _check_positions(positions: Any) -> None:
     if positions not in ("all", "generated") and not isinstance(positions, int):
         raise SaediffError(f"steer: positions must be 'all', 'generated' or an int, got {positions!r}")
+
+
+def _latent_list(latent: Any) -> list[int] | None:
+    """One index, a 0-d tensor or a sequence -> a list of ints (None stays None)."""
     if latent is None:
-        latents = None
-    elif isinstance(latent, numbers.Integral) or (torch.is_tensor(latent) and latent.dim() == 0):
-        latents = [int(latent)]
-    else:
-        latents = [int(j) for j in latent]
-    needs_sae = modes[0] == "clamp" or (modes[0] == "add" and direction is None) or ablate is True
+        return None
+    if isinstance(latent, numbers.Integral) or (torch.is_tensor(latent) and latent.dim() == 0):
+        return [int(latent)]
+    return [int(j) for j in latent]
+
+
+def _check_inputs(sae: Any, latents: list[int] | None, mode: str, needs_sae: bool, d_model: int,
+                  **values: Any) -> None:
+    """The SAE and latents a mode needs, the SAE's width, and finite coefficients."""
     if needs_sae and (sae is None or not latents):
-        raise SaediffError(f"steer: {modes[0]} needs an SAE and latent=")
+        raise SaediffError(f"steer: {mode} needs an SAE and latent=")
     if sae is not None and int(sae.cfg.d_in) != d_model:
         raise SaediffError(f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model}")
-    for name, v in (("clamp", clamp), ("add", add)):
+    for name, v in values.items():
         if v is not None and not callable(v) and not torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all():
             raise SaediffError(f"steer: {name}={v!r} is not finite; give a finite number")
+
+
+def _edit_layer(sae: Any, layer: int | None, needs_sae: bool, n_layers: int) -> int:
+    """The block whose output is edited: given, or from the SAE's hook_name."""
     if needs_sae:
         layer = resolve_layer(sae, layer, what="layer")
     elif layer is None:
         layer = sae_layer(sae) if sae is not None else None
         if layer is None:
             raise SaediffError("steer: cannot tell the layer (no SAE hook_name); pass layer=")
-    if not 0 <= layer < len(layers):
-        raise SaediffError(f"layer {layer} out of range: the model has {len(layers)} blocks")
-    if modes[0] == "clamp":
-        edit = clamp_edit(sae, latents, clamp)  # type: ignore[arg-type]
-    elif modes[0] == "add":
+    if not 0 <= layer < n_layers:
+        raise SaediffError(f"layer {layer} out of range: the model has {n_layers} blocks")
+    return layer
+
+
+def _sized(vec: Any, d_model: int, mode: str) -> torch.Tensor:
+    vec = torch.as_tensor(vec)
+    if vec.shape[-1] != d_model:
+        raise SaediffError(f"{mode}: direction has size {vec.shape[-1]}, d_model is {d_model}")
+    return vec
+
+
+def _make_edit(mode: str, sae: Any, latents: list[int] | None, d_model: int, *, clamp: Any,
+               add: Any, ablate: Any, direction: Any) -> Callable:
+    """The h -> h' function of the mode (`clamp_edit`, `add_edit` or `ablate_edit`)."""
+    if mode == "clamp":
+        return clamp_edit(sae, latents, clamp)  # type: ignore[arg-type]
+    if mode == "add":
         vec = direction if direction is not None else decoder_directions(sae, latents)
-        vec = torch.as_tensor(vec)
-        if vec.shape[-1] != d_model:
-            raise SaediffError(f"add: direction has size {vec.shape[-1]}, d_model is {d_model}")
-        edit = add_edit(vec.detach().float(), add)
-    else:
-        vec = decoder_directions(sae, latents) if ablate is True else torch.as_tensor(ablate)
-        if vec.shape[-1] != d_model:
-            raise SaediffError(f"ablate: direction has size {vec.shape[-1]}, d_model is {d_model}")
-        edit = ablate_edit(vec)
-    tracker = _PositionTracker()
+        return add_edit(_sized(vec, d_model, "add").detach().float(), add)
+    vec = decoder_directions(sae, latents) if ablate is True else ablate
+    return ablate_edit(_sized(vec, d_model, "ablate"))
+
+
+@contextlib.contextmanager
+def _installed(top: nn.Module, block: nn.Module, edit: Callable, positions: Any) -> Iterator[None]:
+    """The edit as a forward hook on `block` (plus the position tracker on `top` unless every
+    position is edited), removed on exit, also on exceptions."""
+    tracker = PositionTracker()
     handles = []
     try:
         if positions != "all":
-            handles.append(_watch(top, tracker))
-        handles.append(layers[layer].register_forward_hook(_make_hook(edit, positions, tracker)))
+            handles.append(watch(top, tracker))
+        handles.append(block.register_forward_hook(make_hook(edit, positions, tracker)))
         yield
     finally:
         for handle in handles:
