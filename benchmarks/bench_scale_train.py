@@ -69,6 +69,23 @@ def capture(n_rows: int, synthetic: bool) -> tuple[torch.Tensor, str]:
     return x[:n_rows].contiguous(), "SmolLM2-135M-Instruct layer 15 (docs text)"
 
 
+def cached_capture(path: str | None, n_rows: int, synthetic: bool) -> tuple[torch.Tensor, str]:
+    """`capture`, read from / saved to `path` (a capture takes minutes on a busy CPU)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from saediff.io import atomic_path
+
+    if path and Path(path).is_file():
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor("x")[:n_rows].contiguous(), f.metadata()["what"]
+    x, what = capture(n_rows, synthetic)
+    if path:
+        with atomic_path(path) as tmp:
+            save_file({"x": x}, str(tmp), metadata={"what": what})
+    return x, what
+
+
 REAL_NORM = 60.0  # overwritten by the measured norm when the real capture runs
 
 
@@ -77,7 +94,11 @@ def batches_of(x: torch.Tensor, B: int, n: int) -> list[torch.Tensor]:
     return [x[torch.randint(len(x), (B,), generator=g)] for _ in range(n)]
 
 
-PHASES = ("encode", "topk", "decode", "backward", "aux", "stats", "clip", "optimizer")
+# labelled ranges of FastSAETrainer's step: scale = decoder norms + W_enc * n (SAELens's
+# rescale_acts_by_decoder_norm) + x - b_dec; encode = the encoder matmul; transpose = the
+# W_enc gradient's [d_sae, d_in] -> [d_in, d_sae] copy
+PHASES = ("scale", "encode", "topk", "decode", "backward", "transpose", "aux", "stats", "clip",
+          "optimizer")
 
 
 def breakdown(trainer, batches: list[torch.Tensor], device: str) -> dict[str, float]:
@@ -104,7 +125,8 @@ def breakdown(trainer, batches: list[torch.Tensor], device: str) -> dict[str, fl
 
 
 def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: float = 0.0,
-               profile_steps: int = 2, dtype: str = "float32") -> dict:
+               profile_steps: int = 2, dtype: str = "float32", skip_saelens: bool = False
+               ) -> dict:
     """saediff, SAELens SAETrainer and the encode-only ceiling on the same batches, timed in
     turn; then a profiled breakdown of saediff's step. `dead_frac` marks that share of latents
     dead in both trainers (the aux loss then runs, as in real runs: 31-40% dead)."""
@@ -150,14 +172,17 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
     with autocast:
         phases = breakdown(fast, dev_batches[1: 1 + profile_steps], device)
     del fast
-    sl = SAETrainer(SAETrainerConfig(total_training_samples=B * 1000, train_batch_size_samples=B,
-                                     lr=2e-4, lr_end=2e-5, device=device), sae(),
-                    iter(dev_batches))
-    t_sl = run(sl)
-    del sl
+    t_sl = None
+    if not skip_saelens:
+        sl = SAETrainer(SAETrainerConfig(total_training_samples=B * 1000,
+                                         train_batch_size_samples=B, lr=2e-4, lr_end=2e-5,
+                                         device=device), sae(), iter(dev_batches))
+        t_sl = run(sl)
+        del sl
     return {"d_sae": width, "batch": B, "dead_frac": dead_frac, "dtype": dtype,
             "saediff_tok_s": t_fast, "saelens_tok_s": t_sl, "ceiling_tok_s": t_ceil,
-            "ratio_vs_saelens": t_fast / t_sl, "ratio_vs_ceiling": t_fast / t_ceil,
+            "ratio_vs_saelens": t_fast / t_sl if t_sl else None,
+            "ratio_vs_ceiling": t_fast / t_ceil, "ceiling_ms": 1e3 * B / t_ceil,
             "breakdown_ms": phases, "peak_gpu_gib": peak}
 
 
@@ -192,9 +217,18 @@ def interleaved(fast, batches: list[torch.Tensor], device: str, autocast, mark_d
 
 
 def print_breakdown(r: dict, device: str) -> None:
+    """ms per step and share of the profiled step of each phase, beside the ceiling's ms."""
     ph = r["breakdown_ms"]
-    parts = "  ".join(f"{k} {ph[k]:.0f}" for k in (*PHASES, "other") if k in ph)
-    print(f"[{device}]   step breakdown, ms/step (profiled, {ph['step']:.0f} ms/step): {parts}",
+    step = ph["step"]
+    parts = "  ".join(f"{k} {ph[k]:.0f} ({ph[k] / step:.0%})" for k in (*PHASES, "other")
+                      if k in ph)
+    print(f"[{device}]   step breakdown, ms/step (profiled, {step:.0f} ms/step): {parts}",
+          flush=True)
+    enc = ph.get("encode", 0.0) + ph.get("topk", 0.0)
+    print(f"[{device}]   encode-only ceiling {r['ceiling_ms']:.0f} ms/step (timed); profiled "
+          f"encode + topk {enc:.0f} ms = {enc / step:.0%} of the step; the rest "
+          f"{step - enc:.0f} ms (B-independent part: transpose + clip + optimizer "
+          f"{sum(ph.get(k, 0.0) for k in ('transpose', 'clip', 'optimizer')):.0f} ms)",
           flush=True)
 
 
@@ -284,12 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dead-frac", type=float, default=0.0,
                    help="share of latents marked dead in both trainers (aux loss on)")
     p.add_argument("--skip-dp", action="store_true", help="skip the 2-rank / 1-rank part")
+    p.add_argument("--skip-saelens", action="store_true",
+                   help="skip the (slow, dense) SAELens SAETrainer arm: ratios to the ceiling only")
     p.add_argument("--no-cpu", action="store_true", help="with CUDA: GPU figures only")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps per breakdown")
     p.add_argument("--rows", type=int, default=None, help="activation rows (default 4096 CPU, "
                    "8192 with CUDA)")
     p.add_argument("--cpu-dtypes", nargs="+", default=["float32"],
                    choices=["float32", "bf16-autocast"])
+    p.add_argument("--acts-file", help="reuse the captured activations in this safetensors "
+                   "file (written here after a capture when it does not exist)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -299,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    x, what = capture(a.rows or (8192 if cuda else 4096), a.synthetic)
+    x, what = cached_capture(a.acts_file, a.rows or (8192 if cuda else 4096), a.synthetic)
     REAL_NORM = float(x.norm(dim=-1).mean())
     res: dict = {"activations": what, "rows": len(x), "mean_norm": REAL_NORM,
                  "capture_s": time.perf_counter() - t0, "cpu_threads": torch.get_num_threads(),
@@ -315,14 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             dtypes = ("float32", "bf16-autocast") if device == "cuda" else a.cpu_dtypes
             for width in a.widths:
                 for dt in dtypes:
-                    r = throughput(width, batches, device, a.dead_frac, a.profile_steps, dt)
+                    r = throughput(width, batches, device, a.dead_frac, a.profile_steps, dt,
+                                   a.skip_saelens)
                     res[device]["topk"].append(r)
+                    vs_sl = "SAELens skipped" if r["saelens_tok_s"] is None else (
+                        f"SAELens SAETrainer {r['saelens_tok_s']:.0f} tok/s = "
+                        f"{r['ratio_vs_saelens']:.2f}x")
                     print(f"[{device}] TopK d_sae {width} k {K} batch {B} {dt} dead "
-                          f"{a.dead_frac:.2f}: saediff {r['saediff_tok_s']:.0f} tok/s / SAELens "
-                          f"SAETrainer {r['saelens_tok_s']:.0f} tok/s = "
-                          f"{r['ratio_vs_saelens']:.2f}x; / encode-only ceiling "
-                          f"{r['ceiling_tok_s']:.0f} tok/s = {r['ratio_vs_ceiling']:.2f}",
-                          flush=True)
+                          f"{a.dead_frac:.2f}: saediff {r['saediff_tok_s']:.0f} tok/s / {vs_sl}; "
+                          f"/ encode-only ceiling {r['ceiling_tok_s']:.0f} tok/s = "
+                          f"{r['ratio_vs_ceiling']:.2f}", flush=True)
                     print_breakdown(r, device)
             first = B == min(bb for dd, bb, _ in plan if dd == device)
             if a.skip_dp or not first:

@@ -88,25 +88,38 @@ def _stable_argsort(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None
-           ) -> tuple[SparseActs, torch.Tensor, torch.Tensor]:
-    """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n).
+def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
+           w_buf: torch.Tensor | None = None
+           ) -> tuple[SparseActs, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n, sae_in).
 
     `dp` (`train.ddp.DataParallel` under torchrun, x = this rank's share): BatchTopK keeps the
     k * (global batch) largest activations of the global batch, as a single process would.
+    `w_buf` ([d_in, d_sae], optional): where to write W_enc * n (decoder-norm rescale), so the
+    step reuses one buffer instead of allocating (and page-faulting) a fresh d_in x d_sae
+    tensor each step; the same values either way.
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    with record_function("saediff.encode"):
+    with record_function("saediff.scale"):
         sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
-        if sae.cfg.rescale_acts_by_decoder_norm:
-            n = w_dec.norm(dim=-1)
-            pre_s = torch.addmm(b_enc * n, sae_in, w_enc * n)
+        n = w_dec.norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
+        if n is not None:
+            w_s = torch.mul(w_enc, n, out=w_buf) if _fits(w_buf, w_enc) else w_enc * n
+            b_s = b_enc * n
         else:
-            n = None
-            pre_s = torch.addmm(b_enc, sae_in, w_enc)
+            w_s, b_s = w_enc, b_enc
+    with record_function("saediff.encode"):
+        pre_s = torch.addmm(b_s, sae_in, w_s)
     with record_function("saediff.topk"):
         acts = _top(sae, pre_s, dp)
-    return acts, pre_s, (n if n is not None else torch.ones(acts.n_cols, device=pre_s.device))
+    return (acts, pre_s, n if n is not None else torch.ones(acts.n_cols, device=pre_s.device),
+            sae_in)
+
+
+def _fits(buf: torch.Tensor | None, like: torch.Tensor) -> bool:
+    """`buf` can take the result of an elementwise op on `like`."""
+    return buf is not None and buf.shape == like.shape and buf.dtype == like.dtype \
+        and buf.device == like.device
 
 
 def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
@@ -122,7 +135,8 @@ def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
         rows, cols, vals = flat // m, flat % m, scores[flat]
     elif isinstance(sae, BatchTopKTrainingSAE):
         top = torch.topk(pre_s.relu().flatten(), int(sae.cfg.k * B), sorted=False)
-        flat, order = torch.sort(top.indices)
+        order = _stable_argsort(top.indices)      # indices are distinct: any sort agrees
+        flat = top.indices[order]
         rows, cols, vals = flat // m, flat % m, top.values[order]
     else:
         top = torch.topk(pre_s, int(sae.cfg.k), dim=-1, sorted=False)
@@ -145,10 +159,14 @@ class SparseTopKStep:
         self.buf_w_dec = torch.empty(m, d, **kw)
         self.buf_w_enc_t = torch.empty(m, d, **kw)
         self.buf_w_enc = torch.empty(d, m, **kw)
+        # W_enc * n (decoder-norm rescale): the encoder's weights this step
+        self.buf_w_enc_s = torch.empty(d, m, **kw) if sae.cfg.rescale_acts_by_decoder_norm \
+            else None
 
     def _scatter(self, acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
                  values: torch.Tensor, dense: torch.Tensor, out: torch.Tensor, beta: float) -> None:
-        """out = beta * out + A^T @ dense, A = acts pattern with `values`."""
+        """out = beta * out + A^T @ dense, A = acts pattern with `values` (beta 0: out is
+        overwritten, never read)."""
         t = torch.sparse_csr_tensor(crow, acts.rows[order], values[order],
                                     (acts.n_cols, acts.n_rows))
         torch.addmm(out, t, dense, beta=beta, out=out)
@@ -167,31 +185,34 @@ class SparseTopKStep:
 
         Returns mse_loss, auxiliary_reconstruction_loss, loss, sae_out and `acts` (the active
         latents, values as SAELens's feature_acts). Each phase runs under a
-        `torch.profiler.record_function` label (saediff.encode / topk / decode / backward /
-        aux), which `benchmarks/bench_scale_train.py --profile` turns into a breakdown.
+        `torch.profiler.record_function` label (saediff.scale / encode / topk / decode /
+        backward / aux / transpose), which `benchmarks/bench_scale_train.py` turns into a
+        breakdown.
         """
         sae = self.sae
         B = x.shape[0]
-        acts_s, pre_s, n = select(sae, x, dp)
+        acts_s, pre_s, n, sae_in = select(sae, x, dp, self.buf_w_enc_s)
         self._update_threshold(acts_s, x, dp)
         a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
         with record_function("saediff.decode"):
-            x_hat = _decode(acts, sae.W_dec) + sae.b_dec if a.numel() else \
+            x_hat = _decode(acts, sae.W_dec).add_(sae.b_dec) if a.numel() else \
                 sae.b_dec.expand_as(x).clone()
             diff = x_hat - x
             mse = diff.pow(2).sum(-1).mean()
-        sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
         with record_function("saediff.backward"):
             g = diff * (2.0 / B)
             da = _sampled(acts, g, sae.W_dec) * (a > 0)
-            grad_b_enc = self._accumulate(acts, a, g, da, sae_in, 0.0)
         with record_function("saediff.aux"):
-            aux = self._aux_loss(pre_s, n, diff, sae_in, dead_mask, grad_b_enc)
+            aux, aux_part = self._aux_loss(pre_s, n, diff, dead_mask)
         with record_function("saediff.backward"):
+            parts = [(acts, g, da)] + ([aux_part] if aux_part is not None else [])
+            grad_b_enc = self._accumulate(parts, sae_in)
             grad_b_dec = g.sum(0)
             if sae.cfg.apply_b_dec_to_input:
                 grad_b_dec -= sae.W_enc @ grad_b_enc
+        with record_function("saediff.transpose"):
+            # the gradient is built as [d_sae, d_in] (CSR rows = latents); W_enc is [d_in, d_sae]
             self.buf_w_enc.copy_(self.buf_w_enc_t.T)
         sae.W_enc.grad = self.buf_w_enc
         sae.W_dec.grad = self.buf_w_dec
@@ -211,22 +232,37 @@ class SparseTopKStep:
         if torch.isfinite(low):
             self.sae.update_topk_threshold(low.reshape(1))
 
-    def _accumulate(self, acts: SparseActs, a: torch.Tensor, g: torch.Tensor, da: torch.Tensor,
-                    sae_in: torch.Tensor, beta: float) -> torch.Tensor:
-        """buf_w_dec (+)= A^T g, buf_w_enc_t (+)= dA^T sae_in; returns d b_enc (colsum dA)."""
+    def _accumulate(self, parts: list[tuple[SparseActs, torch.Tensor, torch.Tensor]],
+                    sae_in: torch.Tensor) -> torch.Tensor:
+        """buf_w_dec = sum A^T g, buf_w_enc_t = sum dA^T sae_in over `parts` (acts with values
+        a, g, da: the main loss and the aux loss); returns d b_enc (colsum of every dA).
+
+        The parts go in one sparse product over stacked rows (part i's entries point at rows
+        i*B.. of [g_0; g_1] and [sae_in; sae_in]): one transpose pattern and one pass over each
+        [d_sae, d_in] buffer instead of a second read-modify-write pass for the aux loss."""
+        acts, g, da = parts[0]
+        if len(parts) > 1:
+            B = acts.n_rows
+            rows = torch.cat([p[0].rows + i * B for i, p in enumerate(parts)])
+            acts = SparseActs(rows, torch.cat([p[0].cols for p in parts]),
+                              torch.cat([p[0].vals for p in parts]), B * len(parts), acts.n_cols)
+            g = torch.cat([p[1] for p in parts])
+            da = torch.cat([p[2] for p in parts])
+            sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
-        self._scatter(acts, order, crow, a, g, self.buf_w_dec, beta)
-        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, beta)
+        self._scatter(acts, order, crow, acts.vals, g, self.buf_w_dec, 0.0)
+        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, 0.0)
         return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
             0, acts.cols, da)
 
     def _aux_loss(self, pre_s: torch.Tensor, n: torch.Tensor, diff: torch.Tensor,
-                  sae_in: torch.Tensor, dead_mask: torch.Tensor | None,
-                  grad_b_enc: torch.Tensor) -> torch.Tensor:
-        """SAELens's TopK auxiliary loss on dead latents; adds its gradients in place."""
+                  dead_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, tuple[SparseActs, torch.Tensor, torch.Tensor] | None]:
+        """SAELens's TopK auxiliary loss on dead latents, and its part of the backward
+        (aux latents, d aux / d recons, d aux / d their values) for `_accumulate`."""
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if num_dead == 0:
-            return diff.new_zeros(())
+            return diff.new_zeros(()), None
         B, d = diff.shape
         k_aux = d // 2
         scale = min(num_dead / k_aux, 1.0)
@@ -243,8 +279,7 @@ class SparseTopKStep:
         aux = coef * aux_diff.pow(2).sum(-1).mean()
         g_aux = aux_diff * (2.0 * coef / B)
         da_aux = _sampled(aux_acts, g_aux, self.sae.W_dec)
-        grad_b_enc += self._accumulate(aux_acts, aux_acts.vals, g_aux, da_aux, sae_in, 1.0)
-        return aux
+        return aux, (aux_acts, g_aux, da_aux)
 
 
 def train_step_grads(sae: TopKTrainingSAE, x: torch.Tensor,
