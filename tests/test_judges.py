@@ -10,8 +10,17 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from saediff.errors import SaediffError
-from saediff.judges import (JudgeScore, OpenAIJudge, OrganismJudge, coherent_rate, judge_labeler,
-                            make_judge, misaligned_given_coherent, score_from_top_logprobs, wilson)
+from saediff.judges import (
+    JudgeScore,
+    OpenAIJudge,
+    OrganismJudge,
+    coherent_rate,
+    judge_labeler,
+    make_judge,
+    misaligned_given_coherent,
+    score_from_top_logprobs,
+    wilson,
+)
 
 
 def test_wilson_known_answers():

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
-from saediff.sae import (check_sae_shapes, check_sae_weights, decoder_directions, load_sae,
-                         require_activation_sae, resolve_layer, sae_input_kind, sae_layer)
+from saediff.sae import (
+    check_sae_shapes,
+    check_sae_weights,
+    decoder_directions,
+    load_sae,
+    require_activation_sae,
+    resolve_layer,
+    sae_input_kind,
+    sae_layer,
+)
 
 
 def _topk(d_in: int = 8, d_sae: int = 16, hook: str | None = "blocks.2.hook_resid_post",

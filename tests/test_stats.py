@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saediff.stats import (auroc, bootstrap_mean_ci, bootstrap_replicates, group_sums,
-                           histogram)
+from saediff.stats import auroc, bootstrap_mean_ci, bootstrap_replicates, group_sums, histogram
 
 
 def test_group_sums_known_answer():
