@@ -10,6 +10,9 @@ from saediff.errors import SaediffError
 
 log = logging.getLogger(__name__)
 
+PAIRED = {"crosscoder"}
+"""Architectures that read (base, fine-tuned) pairs of the same token, [B, 2, d] batches."""
+
 
 def open_store(cfg: Any, split: str = "train", sources: dict[str, float] | None = None,
                batch_size: int | None = None, seed: int | None = None,
@@ -22,7 +25,7 @@ def open_store(cfg: Any, split: str = "train", sources: dict[str, float] | None 
     # opened here at the config's layer (a multi-layer cache holds several); the store closes them
     caches = [open_cache(p, cfg.allow_partial, layer=getattr(cfg, "layer", None)) for p in cfg.cache]
 
-    if cfg.input == "difference" or cfg.architecture == "crosscoder":
+    if cfg.input == "difference" or cfg.architecture in PAIRED:
         return PairedStore(caches, mode="diff" if cfg.input == "difference" else "pair",
                            roles=cfg.roles, batch_size=batch_size or cfg.batch_size,
                            seed=cfg.seed if seed is None else seed,
@@ -54,8 +57,8 @@ def open_training_data(cfg: Any, world: Any, store: Any = None
                                f"expected {cfg.d_in}")
         return store, info, models
     info = check_caches(cfg, cfg.d_in)
-    if cfg.architecture == "crosscoder" and not {"base", "finetuned"} <= set(info["sources"]):
-        raise SaediffError(f"a crosscoder needs a paired cache with sources base and "
+    if cfg.architecture in PAIRED and not {"base", "finetuned"} <= set(info["sources"]):
+        raise SaediffError(f"a {cfg.architecture} needs a paired cache with sources base and "
                            f"finetuned; {cfg.cache} has {info['sources']}")
     # host batches: `dp.local` slices this rank's share before the (pinned) device copy
     return open_store(cfg, device="cpu"), info, None
@@ -137,8 +140,8 @@ def check_data_source(cfg: Any) -> None:
                            f"(--batch-size {cfg.batch_size}); raise it")
     if cfg.lm_batch_size < 1:
         raise SaediffError(f"lm_batch_size must be >= 1, got {cfg.lm_batch_size}")
-    what = "a crosscoder" if cfg.architecture == "crosscoder" else "--input difference"
-    if (cfg.architecture == "crosscoder" or cfg.input == "difference") \
+    what = f"a {cfg.architecture}" if cfg.architecture in PAIRED else "--input difference"
+    if (cfg.architecture in PAIRED or cfg.input == "difference") \
             and not cfg.finetuned:
         raise SaediffError(f"{what} needs two models: pass --finetuned or "
                            "--finetuned-adapter")
@@ -168,7 +171,7 @@ def live_layers(cfg: Any) -> list[int]:
 
 def live_mode(cfg: Any) -> str:
     """What the live buffer holds: pairs (crosscoder), differences, or per-source rows."""
-    if cfg.architecture == "crosscoder":
+    if cfg.architecture in PAIRED:
         return "pair"
     return "diff" if cfg.input == "difference" else "activations"
 

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from saediff.cache.source import ModelSource
 from saediff.errors import SaediffError
 from saediff.io import append_jsonl, mark_complete, output_lock
-from saediff.train.data import (check_caches, estimate_scale, open_store,  # noqa: F401 (API)
-                                open_training_data)
+from saediff.train.data import (PAIRED, check_caches, estimate_scale,  # noqa: F401 (API)
+                                open_store, open_training_data)
 from saediff.train.registry import SAELENS_ARCHITECTURES, TRAINERS, build_sae  # noqa: F401
 from saediff.train.run import Run, build_trainers, open_run, prepare_dirs, resume
 from saediff.train.trainer import save_checkpoint
@@ -144,7 +144,7 @@ class TrainConfig(ModelSource):
                 raise SaediffError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.k <= 0:
             raise SaediffError(f"k must be > 0, got {self.k}")
-        if self.k > self.d_sae and self.architecture != "crosscoder":
+        if self.k > self.d_sae and self.architecture not in PAIRED:
             raise SaediffError(f"k ({self.k:g}) must be <= d_sae ({self.d_sae}): an SAE cannot "
                                "keep more active latents than it has; lower --k or raise --d-sae")
         if self.total_tokens < self.batch_size:
@@ -153,11 +153,11 @@ class TrainConfig(ModelSource):
                                "--batch-size")
         if self.input not in INPUTS:
             raise SaediffError(f"input must be one of {INPUTS}, got {self.input!r}")
-        if self.architecture == "crosscoder" and self.input != "activations":
-            raise SaediffError("architecture crosscoder: input must be 'activations' (it reads "
-                               "both models itself)")
+        if self.architecture in PAIRED and self.input != "activations":
+            raise SaediffError(f"architecture {self.architecture}: input must be 'activations' "
+                               "(it reads both models itself)")
         swept = {self.architecture, *self.sweep.get("architecture", [])}
-        if "crosscoder" in swept and len(swept) > 1:  # one store: pairs, or one model's rows
+        if swept & PAIRED and len(swept) > 1:  # one store: pairs, or one model's rows
             raise SaediffError("sweep: a crosscoder reads (base, fine-tuned) pairs, an SAE one "
                                "model's rows; sweep crosscoders and SAEs in separate runs")
         if not 0.0 < self.eval_fraction < 1.0:

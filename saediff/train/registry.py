@@ -108,9 +108,6 @@ Factory = Callable[[Any, int, dict[str, Any], Any], DictionaryTrainer]
 TRAINERS: dict[str, Factory] = {**{a: _saelens_trainer for a in SAELENS_ARCHITECTURES},
                                 "crosscoder": _crosscoder_trainer}
 
-# what a dictionary of each architecture reads: one model's rows, or (base, fine-tuned) pairs
-PAIRED = {"crosscoder"}
-
 
 def make_trainer(cfg: Any, d_in: int, metadata: dict[str, Any], store: Any) -> DictionaryTrainer:
     """The trainer of `cfg.architecture`, its dictionary built (and seeded) from `cfg`."""
