@@ -30,11 +30,11 @@ import torch
 
 from saediff.cache.writer import CacheConfig, build_cache
 from saediff.diff.methods import paired_rows
+from saediff.judged import GenerationConfig, judged_generation
 from saediff.judges import make_judge
 from saediff.models import load_model
 from saediff.organism import corpus_records, organism_path
-from saediff.prompts import generate_answers, load_prompt_items
-from saediff.steer.evaluate import judge_records, summarise
+from saediff.prompts import load_prompt_items
 from saediff.steer.hooks import steer
 
 Edit = tuple[str, int, float]  # ("sub" | "add" | "ablate", block, coefficient)
@@ -58,11 +58,9 @@ def edits(lm: Any, shifts: list[torch.Tensor], spec: list[Edit], positions: str 
 def evaluate(lm: Any, items: list[dict[str, Any]], judge: Any, shifts: list[torch.Tensor],
              spec: list[Edit], samples: int, seed: int, positions: str = "all"
              ) -> dict[str, Any]:
-    recs = generate_answers(lm, items, samples, 48, 1.0, seed,
-                            context=edits(lm, shifts, spec, positions) if spec else None)
-    s = summarise(judge_records(recs, judge), recs)
-    return {"em": s["misaligned_given_coherent"], "em_ci": s["misaligned_given_coherent_ci"],
-            "coherent": s["coherent_rate"], "n": s["n"]}
+    gen = GenerationConfig(samples=samples, max_new_tokens=48, temperature=1.0, seed=seed)
+    cond = edits(lm, shifts, spec, positions) if spec else None
+    return judged_generation(lm, items, gen, judge, cond).summary.to_dict(per_topic=False)
 
 
 def main() -> None:
@@ -116,8 +114,9 @@ def main() -> None:
         what = " + ".join(f"{k} {c:g}·δ{layer}" if k != "ablate" else f"ablate δ̂{layer}"
                           for k, layer, c in spec) or "none"
         results.append({"model": model, "edit": what, "directions": len(spec), **r})
-        print(f"{model:10s} {what:40s} EM {r['em']:.3f} [{r['em_ci'][0]:.2f}, "
-              f"{r['em_ci'][1]:.2f}]  coherent {r['coherent']:.3f}  n {r['n']}", flush=True)
+        em, ci = r["misaligned_given_coherent"], r["misaligned_given_coherent_ci"]
+        print(f"{model:10s} {what:40s} EM {em:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]  "
+              f"coherent {r['coherent_rate']:.3f}  n {r['n']}", flush=True)
     summary = {"adapter": a.adapter, "roles": a.roles, "positions": a.positions,
                "shift_norms": [float(s.norm()) for s in shifts],
                "shift_cosines": [[float(torch.nn.functional.cosine_similarity(s, t, dim=0))
