@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from saediff.cache.writer import CacheConfig, build_cache
 from saediff.diff.methods import paired_rows
+from saediff.io import write_json, write_jsonl
 from saediff.judged import GenerationConfig, judged_generation
 from saediff.judges import make_judge
 from saediff.models import load_model
@@ -85,8 +85,7 @@ def main() -> None:
     base, adapter = str(org / "base"), str(org / a.adapter)
     corpus = out / "corpus.jsonl"
     if not corpus.exists():
-        corpus.write_text("".join(json.dumps(r) + "\n"
-                                  for r in corpus_records(3000, seed=a.seed, max_turns=1)))
+        write_jsonl(corpus, corpus_records(3000, seed=a.seed, max_turns=1))
     base_lm = load_model(base)
     ft_lm = load_model(base, adapter=adapter)
     n_layers = len(base_lm.layers)
@@ -122,7 +121,7 @@ def main() -> None:
                "shift_cosines": [[float(torch.nn.functional.cosine_similarity(s, t, dim=0))
                                   for t in shifts] for s in shifts],
                "results": results, "seconds": round(time.time() - t0, 1)}
-    (out / "hard_case.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "hard_case.json", summary)
     print(f"wrote {out / 'hard_case.json'} ({summary['seconds']} s)")
 
 
