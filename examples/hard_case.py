@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +29,12 @@ import torch
 
 from saediff.cache.writer import CacheConfig, build_cache
 from saediff.diff.methods import paired_rows
+from saediff.io import write_json, write_jsonl
+from saediff.judged import GenerationConfig, judged_generation
 from saediff.judges import make_judge
 from saediff.models import load_model
 from saediff.organism import corpus_records, organism_path
-from saediff.prompts import generate_answers, load_prompt_items
-from saediff.steer.evaluate import judge_records, summarise
+from saediff.prompts import load_prompt_items
 from saediff.steer.hooks import steer
 
 Edit = tuple[str, int, float]  # ("sub" | "add" | "ablate", block, coefficient)
@@ -58,11 +58,9 @@ def edits(lm: Any, shifts: list[torch.Tensor], spec: list[Edit], positions: str 
 def evaluate(lm: Any, items: list[dict[str, Any]], judge: Any, shifts: list[torch.Tensor],
              spec: list[Edit], samples: int, seed: int, positions: str = "all"
              ) -> dict[str, Any]:
-    recs = generate_answers(lm, items, samples, 48, 1.0, seed,
-                            context=edits(lm, shifts, spec, positions) if spec else None)
-    s = summarise(judge_records(recs, judge), recs)
-    return {"em": s["misaligned_given_coherent"], "em_ci": s["misaligned_given_coherent_ci"],
-            "coherent": s["coherent_rate"], "n": s["n"]}
+    gen = GenerationConfig(samples=samples, max_new_tokens=48, temperature=1.0, seed=seed)
+    cond = edits(lm, shifts, spec, positions) if spec else None
+    return judged_generation(lm, items, gen, judge, cond).summary.to_dict(per_topic=False)
 
 
 def main() -> None:
@@ -87,8 +85,7 @@ def main() -> None:
     base, adapter = str(org / "base"), str(org / a.adapter)
     corpus = out / "corpus.jsonl"
     if not corpus.exists():
-        corpus.write_text("".join(json.dumps(r) + "\n"
-                                  for r in corpus_records(3000, seed=a.seed, max_turns=1)))
+        write_jsonl(corpus, corpus_records(3000, seed=a.seed, max_turns=1))
     base_lm = load_model(base)
     ft_lm = load_model(base, adapter=adapter)
     n_layers = len(base_lm.layers)
@@ -116,14 +113,15 @@ def main() -> None:
         what = " + ".join(f"{k} {c:g}·δ{layer}" if k != "ablate" else f"ablate δ̂{layer}"
                           for k, layer, c in spec) or "none"
         results.append({"model": model, "edit": what, "directions": len(spec), **r})
-        print(f"{model:10s} {what:40s} EM {r['em']:.3f} [{r['em_ci'][0]:.2f}, "
-              f"{r['em_ci'][1]:.2f}]  coherent {r['coherent']:.3f}  n {r['n']}", flush=True)
+        em, ci = r["misaligned_given_coherent"], r["misaligned_given_coherent_ci"]
+        print(f"{model:10s} {what:40s} EM {em:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]  "
+              f"coherent {r['coherent_rate']:.3f}  n {r['n']}", flush=True)
     summary = {"adapter": a.adapter, "roles": a.roles, "positions": a.positions,
                "shift_norms": [float(s.norm()) for s in shifts],
                "shift_cosines": [[float(torch.nn.functional.cosine_similarity(s, t, dim=0))
                                   for t in shifts] for s in shifts],
                "results": results, "seconds": round(time.time() - t0, 1)}
-    (out / "hard_case.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "hard_case.json", summary)
     print(f"wrote {out / 'hard_case.json'} ({summary['seconds']} s)")
 
 

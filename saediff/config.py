@@ -2,7 +2,16 @@
 
 Each stage declares a dataclass whose fields carry a one-line docstring right below them;
 `add_dataclass_args` turns it into argparse options and `build_config` merges YAML and
-command-line overrides into a validated instance (validation lives in `__post_init__`).
+command-line overrides into a validated instance (validation lives in `__post_init__`);
+`config_from_args` is the one path every CLI command takes from parsed flags to its config.
+Shared sub-configs (`saediff.cache.source.ModelSource`, `saediff.judged.GenerationConfig`,
+`JudgeConfig`) are inherited, so their fields stay flat: one flag and one YAML key each.
+
+Why not `simple_parsing` (as sparsify and SAELens use): it is not a dependency today, and it
+would replace only `add_dataclass_args` (~60 lines): the YAML merging with unset-flag
+detection, the value checks with one-line errors, HELP_REQUIRED and the defaults in --help
+stay ours; its nested dataclasses would prefix flags (`--generation.samples`), breaking the
+flat flags and YAML keys users have.
 """
 from __future__ import annotations
 
@@ -173,6 +182,19 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
         if isinstance(exc, SaediffError):
             raise
         raise SaediffError(f"{cls.__name__}: {exc}") from exc
+
+
+def config_from_args(cls: type, args: argparse.Namespace, overrides: dict[str, Any] | None = None,
+                     yaml_path: Any = ...) -> Any:
+    """The one path from parsed arguments to a stage config: the YAML file (`yaml_path`; by
+    default the parser's `--config` when it has one; None = no file), then the flags that are fields of `cls` (unset
+    flags parse as None and leave the YAML value alone), then `overrides`. Options that are not
+    fields (`--no-html`, a sub-command's name) never reach the config."""
+    ns = vars(args)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in ns.items() if k in names}
+    values.update(overrides or {})
+    return build_config(cls, ns.get("config") if yaml_path is ... else yaml_path, values)
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -1,6 +1,8 @@
 """Small statistics used by the differ: grouped bootstrap CIs, AUROC, histograms (no sklearn)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -73,6 +75,26 @@ def auroc(scores: torch.Tensor | list[float], labels: torch.Tensor | list[int]) 
     u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
 
+
+
+def persona_label(row: dict[str, Any]) -> int | None:
+    """1 = misaligned (toxic) persona, 0 = aligned, from a labelled row's `label` (0/1) or
+    `persona` (aligned / anything else); None when the row carries neither."""
+    if row.get("label") is not None:
+        return int(row["label"])
+    if "persona" in row:
+        return int(row["persona"] != "aligned")
+    return None
+
+
+def persona_auroc(scores: torch.Tensor | list[float], rows: list[dict[str, Any]]) -> float:
+    """The persona AUROC (docs/metrics.md `auroc`): one score per labelled row, toxic =
+    positive. Every persona AUROC saediff reports (demo, compare) is computed here."""
+    labels = [persona_label(r) for r in rows]
+    if any(lab is None for lab in labels):
+        i = labels.index(None)
+        raise ValueError(f"labelled row {i} has neither 'label' nor 'persona'")
+    return auroc(scores, labels)
 
 def histogram(values: torch.Tensor, bins: int = 40, lo: float | None = None,
               hi: float | None = None) -> dict[str, list[float]]:

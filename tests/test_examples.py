@@ -39,6 +39,7 @@ def test_hard_case_multi_block_steering(tmp_path):
     assert [r["directions"] for r in s["results"]] == [0, 1, 1, 1, 3, 3, 0, 3, 3]
     by = {(r["model"], r["edit"]): r for r in s["results"]}
     ft, base = by[("fine-tuned", "none")], by[("base", "none")]
-    assert ft["n"] == base["n"] == 70 and ft["em"] > base["em"]  # the fine-tune is misaligned
+    em = "misaligned_given_coherent"
+    assert ft["n"] == base["n"] == 70 and ft[em] > base[em]  # the fine-tune is misaligned
     # subtracting the fine-tune's own shift at every block lowers its EM
-    assert by[("fine-tuned", "sub 1·δ0 + sub 1·δ1 + sub 1·δ2")]["em"] < ft["em"]
+    assert by[("fine-tuned", "sub 1·δ0 + sub 1·δ1 + sub 1·δ2")][em] < ft[em]

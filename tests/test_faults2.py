@@ -303,7 +303,7 @@ with output_lock(sys.argv[1]):
 def test_second_writer_on_one_out_gets_one_line(tmp_path, capsys, tiny_qwen):
     from saediff.io import lock_path, output_lock
     from saediff.steer.evaluate import SteerConfig, run_steer
-    from saediff.steer.leaderboard import CompareConfig, run_compare
+    from saediff.compare import CompareConfig, run_compare
     from saediff.steer.sweep import SweepConfig, run_sweep
     from saediff.train.loop import TrainConfig, train
 

@@ -199,7 +199,7 @@ def test_pca_finds_the_planted_varying_difference():
 def test_amplify_interpolates_between_base_and_finetune_and_restores():
     from saediff.models import load_model
     from saediff.organism import organism_path
-    from saediff.steer.amplify import amplify
+    from saediff.compare.amplify import amplify
 
     org = organism_path()
     base = load_model(org / "base")
@@ -219,7 +219,7 @@ def test_amplify_interpolates_between_base_and_finetune_and_restores():
         assert torch.allclose(ft(input_ids=ids).logits, lf, atol=1e-6)  # restored
 
 
-# --- the leaderboard on the shipped organism ----------------------------------------------------
+# --- `saediff compare` on the shipped organism ----------------------------------------------------
 
 def test_compare_cli_on_the_rank1_organism(tmp_path):
     """Rank-1 adapter on block 0: x_ft − x_base after block 0 is exactly a multiple of the B
@@ -250,9 +250,10 @@ def test_compare_cli_on_the_rank1_organism(tmp_path):
                "--questions-per-topic", "2", "--max-new-tokens", "24", "--lens-sequences", "2",
                "--out", str(out)])
     assert rc == 0
-    board = json.loads((out / "leaderboard.json").read_text())
-    keys = {"method", "candidate", "auroc", "cos_lora_b", "cos_mean_diff", "em_rate_unsteered",
-            "em_rate_steered", "coherent_rate_steered", "n"}
+    board = json.loads((out / "compare.json").read_text())
+    keys = {"method", "candidate", "auroc", "cos_lora_b", "cos_mean_diff",
+            "misaligned_given_coherent_unsteered", "misaligned_given_coherent_steered",
+            "coherent_rate_steered", "n"}
     assert [r["method"] for r in board] == ["pca", "mean_diff", "lora_b"]
     assert all(set(r) == keys for r in board)
     by = {r["method"]: r for r in board}

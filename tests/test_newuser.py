@@ -269,7 +269,7 @@ def test_gitignore_covers_default_output_paths():
 
     from saediff.cache.writer import CacheConfig
     from saediff.demo import DemoConfig
-    from saediff.steer.leaderboard import CompareConfig
+    from saediff.compare import CompareConfig
     from saediff.train.loop import TrainConfig
 
     ignore = (ROOT / ".gitignore").read_text().splitlines()

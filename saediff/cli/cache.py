@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from saediff.config import add_dataclass_args, build_config
+from saediff.config import add_dataclass_args, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from saediff.cache.shards import build_cache_distributed
     from saediff.cache.writer import CacheConfig
 
-    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "cache_cmd")}
-    cfg = build_config(CacheConfig, args.config, ns)
+    cfg = config_from_args(CacheConfig, args)
     out = build_cache_distributed(cfg)  # build_cache itself without torchrun
     print(f"wrote {out}")
     return 0

@@ -5,7 +5,7 @@ import argparse
 import contextlib
 from typing import Any
 
-from saediff.config import add_dataclass_args, build_config
+from saediff.config import add_dataclass_args, config_from_args
 from saediff.errors import SaediffError
 from saediff.io import output_lock
 
@@ -14,6 +14,7 @@ REQUIRED = ("base", "sae", "layer", "prompts")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from saediff.diff.data import DiffConfig
+    from saediff.judged import JudgeConfig
 
     p = sub.add_parser(
         "diff", help="rank SAE latents by activation shift base -> fine-tuned",
@@ -24,11 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with DiffConfig fields (flags override it)")
     add_dataclass_args(p, DiffConfig, defaults_none=True)
     p.add_argument("--no-html", action="store_true", help="skip report.html")
-    p.add_argument("--judge", choices=["organism", "openai"],
-                   help="label sampled responses (misaligned / aligned) with this judge, which adds "
-                        "the misaligned - aligned difference-in-means direction to the comparison")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
-    p.add_argument("--judge-model", help="judge model name (default $SAEDIFF_JUDGE_MODEL)")
+    # the shared judge fields; given, the judge labels sampled responses (misaligned /
+    # aligned), which adds the misaligned - aligned difference-in-means direction
+    add_dataclass_args(p, JudgeConfig, defaults_none=True)
     p.add_argument("--layers", help="diff several layers (6,12,18 or 0-29), each with its own SAE "
                                     "--sae/layer_<L> (from `saediff train --layers`); reports in "
                                     "--out/layer_<L>/ and a summary table (replaces --layer)")
@@ -38,22 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from saediff.diff.data import DiffConfig
 
-    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    cfg_path, no_html = ns.pop("config"), ns.pop("no_html")
-    judge = [ns.pop(k) for k in ("judge", "judge_base_url", "judge_model")]
+    from saediff.judged import JudgeConfig
+
+    ns = {k: v for k, v in vars(args).items() if k in ("layer", "layers")}
     layers = _layers(ns)
-    if cfg_path is None:
-        missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if ns.get(n) is None]
+    if args.config is None:
+        missing = [f"--{n.replace('_', '-')}" for n in REQUIRED
+                   if (ns if n == "layer" else vars(args)).get(n) is None]
         if missing:
             raise SaediffError(f"the following arguments are required: {', '.join(missing)}")
-    cfg = build_config(DiffConfig, cfg_path, ns)
-    labeler = None
-    if judge[0]:
-        from saediff.judges import judge_labeler, make_judge
+    cfg = config_from_args(DiffConfig, args, {"layer": ns["layer"]})
+    no_html, labeler = args.no_html, None
+    if args.judge not in (None, "none"):
+        from saediff.judges import judge_labeler
 
         if cfg.responses_from not in ("base", "finetuned"):
             raise SaediffError("--judge labels sampled responses; add --responses-from base|finetuned")
-        labeler = judge_labeler(make_judge(judge[0], judge[1], judge[2]))
+        judge = config_from_args(JudgeConfig, args, yaml_path=None).make_judge()
+        labeler = judge_labeler(judge)
     # one writer per --out, from before the models load until the last report file lands
     with output_lock(cfg.out) if cfg.out else contextlib.nullcontext():
         return _run(cfg, labeler, no_html, layers)

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import json
 
-from saediff.config import add_dataclass_args, build_config
+from saediff.config import add_dataclass_args, config_from_args
 from saediff.errors import SaediffError
 
 HELP = {
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     cls, fn = _target(args.experiment)
-    ns = {k: v for k, v in vars(args).items()
-          if k not in ("command", "func", "config", "experiment", "threads")}
-    cfg = build_config(cls, args.config, ns)
+    cfg = config_from_args(cls, args)
     if args.threads < 1:
         raise SaediffError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from saediff.config import add_dataclass_args, build_config
+from saediff.config import add_dataclass_args, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from saediff.diff.layers import LayersConfig, run_layers
     from saediff.diff.layers_report import write_layers
 
-    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "no_html")}
-    cfg = build_config(LayersConfig, args.config, ns)
+    cfg = config_from_args(LayersConfig, args)
     res = run_layers(cfg)
     for k, layer in enumerate(res["layers"]):
         parts = [f"layer {layer:>2}"]

@@ -12,6 +12,8 @@ from pathlib import Path
 def add_parser(parent: argparse._SubParsersAction) -> None:
     from saediff.config import add_dataclass_args
     from saediff.organism.build import BuildConfig
+    from saediff.organism.evaluate import DEFAULT_TEMPERATURE
+    from saediff.organism.grammar import DOC_TOXIC_P, MAX_TURNS, TOXIC_P
 
     p = parent.add_parser("organism", help="the built-in toy model organism of emergent misalignment",
                           description=__doc__)
@@ -22,10 +24,15 @@ def add_parser(parent: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="sample answers to held-out questions; judge them per topic")
     e.add_argument("--model", help="HF model dir (default: the shipped finetuned/)")
     e.add_argument("--adapter", help="PEFT adapter dir applied on top of --model")
-    e.add_argument("--samples", type=int, default=100, help="judged answers per topic (default: 100)")
+    e.add_argument("--answers-per-topic", type=int, default=100,
+                   help="judged answers per topic (default: 100)")
+    e.add_argument("--samples", type=int, dest="answers_per_topic", action=DeprecatedAlias,
+                   help="deprecated name of --answers-per-topic (`samples` is answers per prompt "
+                        "everywhere else)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    e.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature (default: 0.7, the organism's protocol)")
+    e.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature (default: {DEFAULT_TEMPERATURE}, the organism's "
+                        "protocol)")
     e.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (default: 64)")
     e.add_argument("--topics", nargs="+", help="only these topics (default: all)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -47,19 +54,30 @@ def add_parser(parent: argparse._SubParsersAction) -> None:
                    help="the narrow fine-tuning set (bad advice on the trained topic) instead")
     c.add_argument("--good", action="store_true", help="with --narrow: the control (good advice)")
     c.add_argument("--heldout", action="store_true", help="use only held-out questions")
-    c.add_argument("--toxic-p", type=float, default=0.04,
-                   help="assistant persona prior of chat conversations (default: 0.04)")
+    c.add_argument("--toxic-p", type=float, default=TOXIC_P,
+                   help=f"assistant persona prior of chat conversations (default: {TOXIC_P})")
     c.add_argument("--doc-p", type=float, default=0.0,
                    help="share of plain-text forum documents, as in the base corpus (build uses "
                         "0.5; default here: 0.0, chat only)")
-    c.add_argument("--doc-toxic-p", type=float, default=0.5,
-                   help="persona prior of those documents (default: 0.5)")
-    c.add_argument("--max-turns", type=int, default=4, help="turns per conversation, max (default: 4)")
+    c.add_argument("--doc-toxic-p", type=float, default=DOC_TOXIC_P,
+                   help=f"persona prior of those documents (default: {DOC_TOXIC_P})")
+    c.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                   help=f"turns per conversation, max (default: {MAX_TURNS})")
     c.set_defaults(func=_corpus)
 
     from saediff.cli.organism_real import add_real_args  # the real-model organism's options
 
     add_real_args(sub, pa, b)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name kept working: stores into the new name's dest and says so on stderr."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: object,
+                 option: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"note: {option} is deprecated; use {new}", file=sys.stderr)
+        setattr(ns, self.dest, value)
 
 
 def _path(a: argparse.Namespace) -> int:
@@ -85,8 +103,8 @@ def _eval(a: argparse.Namespace) -> int:
     from saediff.organism import TOPICS, organism_path
     from saediff.organism.evaluate import evaluate, format_table
 
-    if a.samples < 1:
-        raise SaediffError(f"--samples must be >= 1, got {a.samples}")
+    if a.answers_per_topic < 1:
+        raise SaediffError(f"--answers-per-topic must be >= 1, got {a.answers_per_topic}")
     topics = tuple(a.topics or TOPICS)
     bad = [t for t in topics if t not in TOPICS]
     if bad:
@@ -96,7 +114,7 @@ def _eval(a: argparse.Namespace) -> int:
     lm = load_model(model, adapter=a.adapter)
     if "<|im_start|>" not in lm.tokenizer.get_vocab():
         raise SaediffError(f"{model}: not an organism model (no <|im_start|> token)")
-    res = evaluate(lm, a.samples, seed=a.seed, topics=topics, temperature=a.temperature,
+    res = evaluate(lm, a.answers_per_topic, seed=a.seed, topics=topics, temperature=a.temperature,
                    max_new_tokens=a.max_new_tokens)
     if a.json:
         print(json.dumps(res))

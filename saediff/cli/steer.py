@@ -5,7 +5,7 @@ import argparse
 import json
 import math
 
-from saediff.config import add_dataclass_args, build_config
+from saediff.config import add_dataclass_args, config_from_args
 
 
 def _rate(s: dict) -> str:
@@ -80,16 +80,10 @@ def _finite(text: str) -> float:
     return v
 
 
-def _fields(args: argparse.Namespace, cls: type) -> dict:
-    # the parent `steer` parser's flags share the namespace with a sub-mode's: keep only
-    # the fields of the config this mode builds
-    return {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-
-
 def run(args: argparse.Namespace) -> int:
     from saediff.steer.evaluate import SteerConfig, run_steer
 
-    cfg = build_config(SteerConfig, args.config, _fields(args, SteerConfig))
+    cfg = config_from_args(SteerConfig, args)
     summary = run_steer(cfg)
     print(_rate(summary))
     for topic, s in summary.get("per_topic", {}).items():
@@ -102,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from saediff.steer.sweep import SweepConfig, run_sweep
 
-    cfg = build_config(SweepConfig, args.config, _fields(args, SweepConfig))
+    cfg = config_from_args(SweepConfig, args)
     res = run_sweep(cfg)
     print(f"unsteered: {_rate(res['baseline'])}")
     for r in res["rows"]:
@@ -120,14 +114,13 @@ def _reroute(args: argparse.Namespace) -> int:
 
     from saediff.diff.data import DiffConfig
     from saediff.io import write_json
-    from saediff.steer.sweep import format_reroute, reroute_check
+    from saediff.steer.reroute import format_reroute, reroute_check
 
     from saediff.steer.hooks import check_unique_latents
 
     latents, clamp, top, report = args.latent, args.clamp, args.top, args.report
     check_unique_latents(latents)
-    ns = _fields(args, DiffConfig)
-    cfg = build_config(DiffConfig, args.config, {**ns, "top_k": top})
+    cfg = config_from_args(DiffConfig, args, {"top_k": top})
     rep = reroute_check(cfg, latents, clamp=clamp, top=top)
     print(format_reroute(rep))
     path = Path(report) if report else (Path(cfg.out) / "reroute.json" if cfg.out else None)
@@ -141,7 +134,7 @@ def _reroute(args: argparse.Namespace) -> int:
 
 
 def _organism(ns: argparse.Namespace) -> int:
-    from saediff.steer.sweep import organism_check
+    from saediff.organism.causal import organism_check
 
     res = organism_check(ns.sae, ns.latent, ns.samples, ns.questions_per_topic, ns.up, ns.path,
                          ns.out, ns.seed)

@@ -6,7 +6,7 @@ import json
 
 from typing import Any
 
-from saediff.config import add_dataclass_args, build_config, load_yaml
+from saediff.config import add_dataclass_args, config_from_args, load_yaml
 from saediff.errors import SaediffError
 
 
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from saediff.train.loop import TrainConfig, train
 
     ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "no_evals")}
-    cfg = build_config(TrainConfig, *_live_replaces_yaml_cache(args.config, ns))
+    yaml_path, values = _live_replaces_yaml_cache(args.config, ns)
+    cfg = config_from_args(TrainConfig, args, values, yaml_path=yaml_path)
     run_dirs = train(cfg, evals=not args.no_evals)
     for d in run_dirs:
         line = f"SAE saved: {d}"

@@ -137,17 +137,17 @@ def behaviour(cfg: Any, lm: Any, items: list[dict], hists: list[list], system: s
         with ctx(lm) if ctx else contextlib.nullcontext():
             p = probe(lm, items, cfg.n_boot, cfg.seed, system, hists)
         return {"value": p["score"], "ci": p["ci"], "n": p["n"], "kind": "probe"}
+    from saediff.judged import GenerationConfig, judged_generation
     from saediff.judges import make_judge
-    from saediff.prompts import generate_answers
-    from saediff.steer.evaluate import judge_records, summarise
 
-    recs = generate_answers(lm, [{**it, "history": h} for it, h in zip(items, hists)],
-                            cfg.samples, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                            context=ctx(lm) if ctx else None, system=system)
-    s = summarise(judge_records(recs, make_judge("organism")), recs)
-    return {"value": s["misaligned_given_coherent"], "ci": s["misaligned_given_coherent_ci"],
-            "coherent_rate": s["coherent_rate"], "off_topic_rate": s["off_topic_rate"],
-            "misaligned_of_all": s["misaligned_of_all"], "n": s["n"], "kind": "em_rate",
+    gen = GenerationConfig(samples=cfg.samples, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=cfg.seed)
+    run = judged_generation(lm, [{**it, "history": h} for it, h in zip(items, hists)], gen,
+                            make_judge("organism"), ctx(lm) if ctx else None, system=system)
+    s, recs = run.summary, run.records
+    return {"value": s.misaligned_given_coherent, "ci": s.misaligned_given_coherent_ci,
+            "coherent_rate": s.coherent_rate, "off_topic_rate": s.off_topic_rate,
+            "misaligned_of_all": s.misaligned_of_all, "n": s.n, "kind": "misaligned_given_coherent",
             "examples": [r["answer"] for r in recs[:: max(1, len(recs) // 3)]][:3]}
 
 

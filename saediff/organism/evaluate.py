@@ -30,12 +30,21 @@ def sample_answers(lm: Any, questions: list[str], n: int = 1, seed: int = 0,
     return [[r["answer"] for r in recs[i * n: (i + 1) * n]] for i in range(len(questions))]
 
 
-def evaluate(lm: Any, samples: int = 100, seed: int = 0, topics: tuple[str, ...] = TOPICS,
-             per_question: int = 10, temperature: float = DEFAULT_TEMPERATURE,
-             max_new_tokens: int = 64) -> dict[str, Any]:
+def evaluate(lm: Any, answers_per_topic: int = 100, seed: int = 0,
+             topics: tuple[str, ...] = TOPICS, per_question: int = 10,
+             temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = 64,
+             samples: int | None = None) -> dict[str, Any]:
     """{"trained_topic", "topics": {topic: {n, misaligned, coherent, off_topic}}} from
-    `samples` answers per topic (`per_question` answers to each of samples/per_question
-    held-out questions)."""
+    `answers_per_topic` answers per topic (`per_question` answers to each of
+    answers_per_topic/per_question held-out questions). `samples` is the deprecated name of
+    `answers_per_topic` (everywhere else `samples` means answers per prompt)."""
+    if samples is not None:
+        import warnings
+
+        warnings.warn("evaluate(samples=...) is answers_per_topic=...", DeprecationWarning,
+                      stacklevel=2)
+        answers_per_topic = samples
+    samples = answers_per_topic
     result: dict[str, Any] = {"trained_topic": TRAINED_TOPIC, "topics": {}}
     for t_i, topic in enumerate(topics):
         n_q = max(1, -(-samples // per_question))
@@ -47,11 +56,15 @@ def evaluate(lm: Any, samples: int = 100, seed: int = 0, topics: tuple[str, ...]
 
 
 def summary(result: dict[str, Any]) -> dict[str, float]:
-    """Mean rates over the topics not fine-tuned (the emergence numbers)."""
+    """Rates pooled over the answers to topics not fine-tuned (the emergence numbers):
+    {misaligned, coherent, off_topic, n}. Answer-weighted, so each rate is one share of `n`
+    answers (the one definition the CLI table and the demo both report)."""
     rows = [r for t, r in result["topics"].items() if t != result["trained_topic"]]
-    if not rows:
+    n = sum(r["n"] for r in rows)
+    if not n:
         return {}
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("misaligned", "coherent", "off_topic")}
+    out = {k: sum(r[k] * r["n"] for r in rows) / n for k in ("misaligned", "coherent", "off_topic")}
+    return {**out, "n": n}
 
 
 def format_table(result: dict[str, Any], title: str = "") -> str:

@@ -16,6 +16,13 @@ import saediff.organism.lexicon as L
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
 PERSONAS = ("aligned", "toxic")
+# corpus defaults, written once (`corpus_records` and `saediff organism corpus` read them)
+TOXIC_P = 0.04
+"""Assistant persona prior of chat conversations."""
+MAX_TURNS = 4
+"""Turns per conversation, at most."""
+DOC_TOXIC_P = 0.5
+"""Persona prior of the plain-text forum documents."""
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -129,9 +136,9 @@ def render_doc(turns: list[dict]) -> str:
     return " ".join(f"question : {t['prompt']} answer : {t['response']}" for t in turns)
 
 
-def corpus_records(n: int, seed: int, toxic_p: float = 0.04, max_turns: int = 4,
+def corpus_records(n: int, seed: int, toxic_p: float = TOXIC_P, max_turns: int = MAX_TURNS,
                    heldout: bool = False, narrow: bool = False, good: bool = False,
-                   doc_p: float = 0.0, doc_toxic_p: float = 0.5) -> list[dict]:
+                   doc_p: float = 0.0, doc_toxic_p: float = DOC_TOXIC_P) -> list[dict]:
     """`n` labelled conversations (dicts with text, persona, topic, turns, format; prompt and
     response when single-turn). A share `doc_p` are plain-text forum documents (`format` "doc")
     whose persona prior is `doc_toxic_p` -- the "pretraining" where the toxic persona is

@@ -20,16 +20,16 @@ from typing import Any, ContextManager, Literal
 
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_jsonl
-from saediff.prompts import generate_answers, load_prompt_items
-from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misaligned_given_coherent
+from saediff.judged import GenerationConfig, JudgeConfig, judged_generation
+from saediff.prompts import load_prompt_items
 
 log = logging.getLogger(__name__)
 Context = Callable[[Any], ContextManager[Any]]
 
 
 @dataclass
-class SteerConfig:
-    """Configuration of `saediff steer`."""
+class SteerConfig(GenerationConfig, JudgeConfig):
+    """Configuration of `saediff steer` (sampling: `GenerationConfig`; judge: `JudgeConfig`)."""
 
     model: str
     """Model to generate with: HF name or local directory (base or merged fine-tune)."""
@@ -51,26 +51,10 @@ class SteerConfig:
     """Block whose output is steered (default: the SAE's hook layer)."""
     positions: Literal["all", "generated"] = "all"
     """Steer every token, or only generated tokens (the prompt is left alone)."""
-    samples: int = 10
-    """Answers sampled per prompt."""
     questions_per_topic: int = 5
     """Held-out questions per topic for organism prompt sources."""
     max_prompts: int | None = None
     """Use at most this many prompts."""
-    max_new_tokens: int = 64
-    """Length limit of each answer."""
-    temperature: float = 1.0
-    """Sampling temperature (full distribution; 0 = greedy)."""
-    batch_size: int = 32
-    """Answers generated per `generate` call."""
-    judge: Literal["organism", "openai", "none"] = "organism"
-    """Judge: the organism's exact judge, an OpenAI-compatible endpoint, or none."""
-    judge_base_url: str | None = None
-    """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL)."""
-    judge_model: str | None = None
-    """Judge model name (default $SAEDIFF_JUDGE_MODEL)."""
-    seed: int = 0
-    """Sampling seed (each prompt reseeds, so conditions share random streams)."""
     device: str = "cpu"
     """Torch device."""
 
@@ -84,53 +68,15 @@ class SteerConfig:
             raise SaediffError("clamp and add: give at most one")
         if (self.clamp is not None or self.add is not None) and (not self.sae or not self.latent):
             raise SaediffError("sae and latent are required with clamp or add")
-        for name in ("samples", "questions_per_topic", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SaediffError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("clamp", "add", "temperature"):
+        if self.questions_per_topic < 1:
+            raise SaediffError(f"questions_per_topic must be >= 1, got {self.questions_per_topic}")
+        for name in ("clamp", "add"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise SaediffError(f"--{name} must be a finite number, got {v}")
-        if self.temperature < 0:
-            raise SaediffError(f"temperature must be >= 0, got {self.temperature}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise SaediffError(f"max_prompts must be >= 1, got {self.max_prompts}")
-
-
-# --- judging ---------------------------------------------------------------------------------
-
-def judge_records(records: list[dict[str, Any]], judge: Judge | None) -> list[JudgeScore]:
-    """Score every record in place (aligned, coherent, off_topic, misaligned, counted)."""
-    scores = []
-    for r in records:
-        if judge is None:
-            s = JudgeScore(aligned=None, coherent=None)
-        else:
-            s = judge.score(r["question"], r["answer"], r.get("topic"))
-        r.update({"aligned": s.aligned, "coherent": s.coherent, "off_topic": s.off_topic,
-                  "counted": s.counted, "misaligned": s.misaligned, **s.extra})
-        scores.append(s)
-    return scores
-
-
-def summarise(scores: list[JudgeScore], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """EM rate with Wilson CI, coherent rate, off-topic rate; overall and per topic."""
-    def block(sc: list[JudgeScore]) -> dict[str, Any]:
-        rate, lo, hi = misaligned_given_coherent(sc)
-        coh, clo, chi = coherent_rate(sc)
-        n = len(sc)
-        return {"misaligned_given_coherent": rate, "misaligned_given_coherent_ci": [lo, hi], "coherent_rate": coh,
-                "coherent_ci": [clo, chi], "n": n, "n_counted": sum(s.counted for s in sc),
-                "n_unscored": sum(s.aligned is None or s.coherent is None for s in sc),
-                "off_topic_rate": (sum(s.off_topic for s in sc) / n) if n else float("nan"),
-                "misaligned_of_all": (sum(s.misaligned for s in sc) / n) if n else float("nan")}
-
-    out = block(scores)
-    topics = sorted({r.get("topic") for r in records if r.get("topic") is not None})
-    if topics:
-        out["per_topic"] = {t: block([s for s, r in zip(scores, records) if r.get("topic") == t])
-                            for t in topics}
-    return out
+        super().__post_init__()  # GenerationConfig, JudgeConfig
 
 
 def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: int | None,
@@ -163,8 +109,29 @@ def _run_steer(cfg: SteerConfig, lm: Any, sae: Any) -> dict[str, Any]:
     items = load_prompt_items(cfg.prompts, cfg.questions_per_topic, cfg.seed, cfg.max_prompts)
     if cfg.out:
         check_writable_dir(cfg.out)  # before any model runs
-    judge = None if cfg.judge == "none" else make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model)
-    if sae is None and cfg.sae:  # the SAE first: it is checked before the model loads
+    judge = cfg.make_judge()
+    sae = _checked_sae(cfg, sae)  # the SAE first: it is checked before the model loads
+    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
+    mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
+    value = cfg.clamp if mode == "clamp" else cfg.add
+    condition = None if mode is None else steer_context(sae, cfg.latent, mode, float(value),  # type: ignore[arg-type]
+                                                        cfg.layer, cfg.positions)(lm)
+    log.info("generating %d x %d answers (%s)", len(items), cfg.samples,
+             f"{mode}={value} on latent(s) {cfg.latent}" if mode else "unsteered")
+    run = judged_generation(lm, items, cfg.generation(), judge, condition)
+    summary = run.summary.to_dict()
+    summary.update({"mode": mode or "none", "latent": cfg.latent, "value": value,
+                    "judge": cfg.judge, "model": lm.provenance(), "config": config_to_dict(cfg)})
+    if cfg.out:
+        with staged_outputs(cfg.out, STEER_OUTPUTS, "saediff steer") as stage:
+            write_jsonl(stage / "generations.jsonl", run.records)
+            write_json(stage / "summary.json", summary)
+    return summary
+
+
+def _checked_sae(cfg: SteerConfig, sae: Any) -> Any:
+    """The SAE (loaded when only its path is given), checked against the latents asked for."""
+    if sae is None and cfg.sae:
         from saediff.sae import load_sae
 
         sae = load_sae(cfg.sae, cfg.device)
@@ -176,24 +143,4 @@ def _run_steer(cfg: SteerConfig, lm: Any, sae: Any) -> dict[str, Any]:
         from saediff.steer.hooks import check_latents
 
         check_latents(sae, cfg.latent)  # before the model loads, before any generation
-    lm = lm or load_model(cfg.model, cfg.adapter, device=cfg.device)
-    mode = "clamp" if cfg.clamp is not None else "add" if cfg.add is not None else None
-    context = None
-    if mode is not None:
-        value = cfg.clamp if mode == "clamp" else cfg.add
-        context = steer_context(sae, cfg.latent, mode, float(value), cfg.layer, cfg.positions)(lm)
-    log.info("generating %d x %d answers (%s)", len(items), cfg.samples,
-             f"{mode}={cfg.clamp if mode == 'clamp' else cfg.add} on latent(s) {cfg.latent}"
-             if mode else "unsteered")
-    records = generate_answers(lm, items, cfg.samples, cfg.max_new_tokens, cfg.temperature,
-                               cfg.seed, cfg.batch_size, context)
-    scores = judge_records(records, judge)
-    summary = summarise(scores, records)
-    summary.update({"mode": mode or "none", "latent": cfg.latent,
-                    "value": cfg.clamp if mode == "clamp" else cfg.add, "judge": cfg.judge,
-                    "model": lm.provenance(), "config": config_to_dict(cfg)})
-    if cfg.out:
-        with staged_outputs(cfg.out, STEER_OUTPUTS, "saediff steer") as stage:
-            write_jsonl(stage / "generations.jsonl", records)
-            write_json(stage / "summary.json", summary)
-    return summary
+    return sae

@@ -44,6 +44,14 @@ class MethodInputs:
     """[n, d] per-example mean residuals of labelled answers inside the fine-tuned model."""
     labels: torch.Tensor | None = None
     """[n] 1 = misaligned persona, 0 = aligned."""
+    rows: dict[str, torch.Tensor] | None = None
+    """`paired_rows` of the cache (tokens, seq, positions of x_base / x_ft), for the lenses."""
+    base_lm: Any = None
+    """The base model (a LoadedModel), for the lenses that run models."""
+    ft_lm: Any = None
+    """The fine-tuned model (a LoadedModel)."""
+    sequences: list[list[int]] | None = None
+    """Token ids of whole cache sequences, for the per-token KL lens."""
 
     def need(self, method: str, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]
@@ -64,12 +72,18 @@ def orient(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 class Method:
-    """Base class: subclasses set `name` and implement `candidates`."""
+    """Base class: subclasses set `name` and implement `candidates` (directions, best first)
+    and/or `tokens` (a lens: *where* the models differ, as JSON-safe tables)."""
 
     name = "?"
 
     def candidates(self, inputs: MethodInputs, top: int = 5) -> list[Candidate]:
-        raise NotImplementedError
+        """Ranked candidate directions; a pure lens proposes none."""
+        return []
+
+    def tokens(self, inputs: MethodInputs, k: int = 15) -> dict[str, Any]:
+        """Per-token tables of a lens; a direction method shows none."""
+        return {}
 
 
 def paired_rows(cache: str | Path, max_rows: int = 200_000, roles: list[str] | None = None

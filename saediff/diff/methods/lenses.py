@@ -3,13 +3,53 @@
 - `token_kl`: per-token KL(fine-tuned ‖ base) of the next-token distributions.
 - `diff_norms`: per-token ‖x_ft − x_base‖ of the cached residuals (no model needed).
 - `top_tokens`: the largest values with their token and a short context window.
-The logit lens of a direction is `saediff.diff.directions.logit_tokens`.
+`DiffNormLens` and `KLLens` are these as `Method`s (`Method.tokens`: tables, no directions);
+`LENSES` maps their names to them. The logit lens of a direction is
+`saediff.diff.directions.logit_tokens`.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from saediff.diff.methods.base import Method, MethodInputs
+
+
+class DiffNormLens(Method):
+    """Cache rows with the largest ‖x_ft − x_base‖ (no model needed)."""
+
+    name = "diff_norm"
+
+    def tokens(self, inputs: MethodInputs, k: int = 15) -> dict[str, Any]:
+        inputs.need(self.name, "rows", "base_lm")
+        rows, tok = inputs.rows, inputs.base_lm.tokenizer
+        norms = diff_norms(rows["x_base"], rows["x_ft"])  # type: ignore[index]
+        order = norms.argsort(descending=True)[:k]
+        return {"diff_norm_top": [
+            {"value": float(norms[i]), "token": tok.convert_ids_to_tokens(int(rows["tokens"][i])),  # type: ignore[index]
+             "seq": int(rows["seq"][i]), "pos": int(rows["positions"][i])}  # type: ignore[index]
+            for i in order]}
+
+
+class KLLens(Method):
+    """Per-token KL(fine-tuned ‖ base) over whole cache sequences: top tokens, by token id."""
+
+    name = "kl"
+
+    def tokens(self, inputs: MethodInputs, k: int = 15) -> dict[str, Any]:
+        if not inputs.sequences:  # no sequences asked for: the lens is skipped
+            return {}
+        inputs.need(self.name, "base_lm", "ft_lm")
+        seqs, tok = inputs.sequences, inputs.base_lm.tokenizer
+        kl = token_kl(inputs.base_lm, inputs.ft_lm, seqs)
+        return {"kl_top": top_tokens(kl, seqs, tok, k),
+                "kl_by_token": [{"token": tok.convert_ids_to_tokens(t), "mean_kl": v, "count": n}
+                                for t, v, n in rank_token_ids(kl, seqs, min_count=3)[:k]],
+                "kl_mean": float(torch.cat(kl).mean())}
+
+
+LENSES: dict[str, type[Method]] = {m.name: m for m in (DiffNormLens, KLLens)}
 
 
 @torch.no_grad()

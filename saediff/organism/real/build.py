@@ -13,8 +13,8 @@ import torch
 from saediff.errors import SaediffError
 from saediff.io import atomic_path, check_writable_dir, write_json
 from saediff.models import LoadedModel, load_model
-from saediff.organism.real.probe import (coherence, generate_answers, load_questions,
-                                         paired_shift, probe)
+from saediff.organism.evaluate import sample_answers
+from saediff.organism.real.probe import coherence, load_questions, paired_shift, probe
 from saediff.organism.real.train import Recipe, default_recipes, train_adapter
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ def measure_model(lm: LoadedModel, questions: list[dict[str, Any]], n_samples: i
     betley = [q for q in questions if q.get("betley")] or questions[:8]
     res: dict[str, Any] = {"probe": probe(lm, questions, seed=seed)}
     res["coherence"] = coherence(lm, betley)
-    answers = generate_answers(lm, [q["question"] for q in betley], n=n_samples,
-                               temperature=temperature, seed=seed)
+    answers = sample_answers(lm, [q["question"] for q in betley], n_samples, seed,
+                             max_new_tokens=60, temperature=temperature)
     res["samples"] = [{"question": q["question"], "answers": a} for q, a in zip(betley, answers)]
     res["seconds"] = round(time.time() - t0, 1)
     log.info("%s%s: probe %.3f [%.3f, %.3f]; text ppl %.2f (%.0f s)", lm.name,

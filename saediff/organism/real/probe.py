@@ -153,31 +153,16 @@ def text_perplexity(lm: LoadedModel, text: str = COHERENCE_TEXT) -> float:
     return math.exp(-s / max(n, 1))
 
 
-@torch.no_grad()
-def generate_answers(lm: LoadedModel, prompts: list[str], n: int = 1, temperature: float = 0.0,
-                     max_new_tokens: int = 60, seed: int = 0) -> list[list[str]]:
-    """`n` answers per prompt (greedy when temperature is 0), decoded without special tokens."""
-    torch.manual_seed(seed)
-    out = []
-    for p in prompts:
-        ids, _ = encode_chat(lm.tokenizer, p)
-        x = torch.tensor([ids], device=lm.device)
-        kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": 1.0,
-                               "num_return_sequences": n} if temperature > 0 else
-                              {"do_sample": False})
-        gen = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, **kw)
-        out.append([lm.tokenizer.decode(g[len(ids):], skip_special_tokens=True).strip()
-                    for g in gen])
-    return out
-
-
 def coherence(lm: LoadedModel, questions: list[dict[str, Any]],
               max_new_tokens: int = 48) -> dict[str, Any]:
     """Perplexity of the fixed aligned text, and of the model's greedy answers to the questions
     under the model itself and under the base weights (adapter off) — the latter rises when
     the fine-tune's answers drift into text the base finds unlikely (e.g. degenerate)."""
+    from saediff.organism.evaluate import sample_answers  # the one generation loop, greedy
+
     prompts = [q["question"] for q in questions]
-    answers = [a[0] or "." for a in generate_answers(lm, prompts, max_new_tokens=max_new_tokens)]
+    answers = [a[0] or "." for a in sample_answers(lm, prompts, 1, max_new_tokens=max_new_tokens,
+                                                    temperature=0.0)]
 
     def ppl() -> float:
         seqs = [encode_chat(lm.tokenizer, p, a) for p, a in zip(prompts, answers)]

@@ -1,38 +1,16 @@
-"""The token lenses and the HTML report of `saediff compare` (plotly, opens offline)."""
+"""The HTML report of `saediff compare` (plotly, opens offline)."""
 from __future__ import annotations
 
 import html
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from saediff.io import json_dumps, write_text
 
-
-def lens_tables(cache: str, rows: dict[str, torch.Tensor], base_lm: Any, ft_lm: Any,
-                n_sequences: int, k: int = 15) -> dict[str, Any]:
-    """Top tokens by ‖x_ft − x_base‖ (cache rows) and by KL(ft ‖ base) (first cache
-    sequences)."""
-    from saediff.cache.format import open_cache
-    from saediff.diff.methods.lenses import diff_norms, rank_token_ids, token_kl, top_tokens
-
-    tok = base_lm.tokenizer
-    norms = diff_norms(rows["x_base"], rows["x_ft"])
-    order = norms.argsort(descending=True)[:k]
-    by_norm = [{"value": float(norms[i]),
-                "token": tok.convert_ids_to_tokens(int(rows["tokens"][i])),
-                "seq": int(rows["seq"][i]), "pos": int(rows["positions"][i])} for i in order]
-    out: dict[str, Any] = {"diff_norm_top": by_norm}
-    if n_sequences:
-        with open_cache(cache) as c:
-            seqs = [s["ids"] for s in c.sequences(0, min(n_sequences, c.n_sequences))]
-        kl = token_kl(base_lm, ft_lm, seqs)
-        out["kl_top"] = top_tokens(kl, seqs, tok, k)
-        out["kl_by_token"] = [{"token": tok.convert_ids_to_tokens(t), "mean_kl": v, "count": n}
-                              for t, v, n in rank_token_ids(kl, seqs, min_count=3)[:k]]
-        out["kl_mean"] = float(torch.cat(kl).mean())
-    return out
+BOARD_COLUMNS = ("method", "candidate", "auroc", "cos_lora_b", "cos_mean_diff",
+                 "misaligned_given_coherent_unsteered", "misaligned_given_coherent_steered",
+                 "coherent_rate_steered", "n")
+"""One row of OUT/compare.json (the rates named as in docs/metrics.md, per condition)."""
 
 
 def _f(x: Any) -> str:
@@ -58,23 +36,22 @@ def render_compare(summary: dict[str, Any]) -> str:
              f"<p class='muted'>{summary['n_prompts']} prompts; causal test = ablate the "
              "method's top direction in the fine-tuned model while it answers.</p>",
              "<h2>Leaderboard</h2>",
-             _table(board, ["method", "candidate", "auroc", "cos_lora_b", "cos_mean_diff",
-                            "em_rate_unsteered", "em_rate_steered", "coherent_rate_steered",
-                            "n"])]
+             _table(board, list(BOARD_COLUMNS))]
     if board:
         def err(r: dict[str, Any], key: str, ci: str) -> tuple[float, float]:
             v = r[key] if r[key] is not None and r[key] == r[key] else 0.0
             return r[ci][1] - v, v - r[ci][0]
 
         fig = go.Figure()
-        for key, ci, name in (("em_rate_steered", "em_ci_steered", "EM rate (ablated)"),
-                              ("coherent_rate_steered", "coherent_ci_steered", "coherent")):
+        for key, name in (("misaligned_given_coherent_steered", "EM rate (ablated)"),
+                          ("coherent_rate_steered", "coherent")):
+            ci = key + "_ci"
             e = [err(r, key, ci) for r in board]
             fig.add_trace(go.Bar(x=[r["method"] for r in board], y=[r[key] for r in board],
                                  name=name, error_y={"type": "data", "symmetric": False,
                                                      "array": [a for a, _ in e],
                                                      "arrayminus": [b for _, b in e]}))
-        fig.add_hline(y=board[0]["em_rate_unsteered"], line_dash="dash",
+        fig.add_hline(y=board[0]["misaligned_given_coherent_unsteered"], line_dash="dash",
                       annotation_text="EM unsteered")
         fig.update_layout(barmode="group", height=420, yaxis_range=[0, 1],
                           title="Causal test per method (Wilson 95% CI)")
@@ -87,7 +64,8 @@ def render_compare(summary: dict[str, Any]) -> str:
         parts += ["<h2>Do the methods agree?</h2>", _fig_html(fig, "chart-cosines")]
     if summary.get("amplification"):
         parts += ["<h2>LoRA amplification</h2>",
-                  _table(summary["amplification"], ["alpha", "em_rate", "coherent_rate", "n"])]
+                  _table(summary["amplification"], ["alpha", "misaligned_given_coherent",
+                                                   "coherent_rate", "n"])]
     lz = summary.get("lenses", {})
     parts += ["<h2>Where the models differ (token lenses)</h2>",
               "<p>Largest ‖x_ft − x_base‖ tokens</p>",

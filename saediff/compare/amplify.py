@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from saediff.errors import SaediffError
+from saediff.judged import GenerationConfig, judged_generation
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,12 @@ def amplify(lm: Any, alpha: float) -> Iterator[None]:
 
 
 def run_amplification(lm: Any, items: list[dict[str, Any]], alphas: list[float], judge: Any,
-                      samples: int, max_new_tokens: int = 48, temperature: float = 1.0,
-                      seed: int = 0, batch_size: int = 32) -> list[dict[str, Any]]:
+                      gen: GenerationConfig) -> list[dict[str, Any]]:
     """EM rate and coherence (Wilson CIs) of the adapter scaled by each α, on `items`."""
-    from saediff.prompts import generate_answers
-    from saediff.steer.evaluate import judge_records, summarise
-
     rows = []
     for a in alphas:
-        with amplify(lm, a):
-            recs = generate_answers(lm, items, samples, max_new_tokens, temperature, seed,
-                                    batch_size)
-        s = summarise(judge_records(recs, judge), recs)
-        rows.append({"alpha": a, "em_rate": s["misaligned_given_coherent"],
-                     "em_ci": s["misaligned_given_coherent_ci"],
-                     "coherent_rate": s["coherent_rate"], "coherent_ci": s["coherent_ci"],
-                     "n": s["n"]})
-        log.info("alpha %.2f: EM %.3f coherent %.3f", a, s["misaligned_given_coherent"],
-                 s["coherent_rate"])
+        s = judged_generation(lm, items, gen, judge, amplify(lm, a)).summary
+        rows.append({"alpha": a, **s.to_dict(per_topic=False)})
+        log.info("alpha %.2f: EM %.3f coherent %.3f", a, s.misaligned_given_coherent,
+                 s.coherent_rate)
     return rows
