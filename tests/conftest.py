@@ -3,7 +3,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).parent
+# tests mirror the package (tests/cache/, tests/train/, ...) and import helpers from each other
+# (`from test_cache import write_data`): every test folder is importable by module name
+for _d in sorted(p for p in HERE.iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+    sys.path.insert(0, str(_d))
+sys.path.insert(0, str(HERE))
 import tiny  # noqa: E402
 
 
