@@ -8,7 +8,7 @@ gradients by hand:
 
     forward   pre_s = (x - b_dec) @ (W_enc * n) + b_enc * n     n = ||W_dec rows|| (or 1)
               top-k of pre_s (per row, or over the batch for BatchTopK), a = relu(v) / n
-              x_hat = a @ W_dec + b_dec                          (CSR sparse @ dense)
+              x_hat = a @ W_dec + b_dec                          (gather-sum of rows)
     backward  g = d loss / d x_hat;  da = <g_row, W_dec_col>     (sampled dense-dense mm)
               dW_dec = A^T g,  dW_enc = (x - b_dec)^T dA,  db_enc = colsum dA,
               db_dec = sum g - W_enc db_enc                       (all sparse, O(B k d))
@@ -148,28 +148,28 @@ def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
 class SparseTopKStep:
     """SAELens `training_forward_pass` + backward for one TopK/BatchTopK SAE, sparse.
 
-    Gradient buffers are allocated once and reused (`addmm(out=...)` skips the zero-fill and
-    copy that `torch.sparse.mm` pays on a fresh [d_sae, d_in] result every step).
+    The scaled encoder (W_enc * n) and W_enc's [d_in, d_sae] gradient live in buffers
+    allocated once and reused: a fresh d_in x d_sae tensor each step costs its page faults.
     """
 
     def __init__(self, sae: TopKTrainingSAE):
         self.sae = sae
         m, d = sae.W_dec.shape
         kw = {"dtype": sae.W_dec.dtype, "device": sae.W_dec.device}
-        self.buf_w_dec = torch.empty(m, d, **kw)
-        self.buf_w_enc_t = torch.empty(m, d, **kw)
         self.buf_w_enc = torch.empty(d, m, **kw)
         # W_enc * n (decoder-norm rescale): the encoder's weights this step
         self.buf_w_enc_s = torch.empty(d, m, **kw) if sae.cfg.rescale_acts_by_decoder_norm \
             else None
 
-    def _scatter(self, acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
-                 values: torch.Tensor, dense: torch.Tensor, out: torch.Tensor, beta: float) -> None:
-        """out = beta * out + A^T @ dense, A = acts pattern with `values` (beta 0: out is
-        overwritten, never read)."""
-        t = torch.sparse_csr_tensor(crow, acts.rows[order], values[order],
-                                    (acts.n_cols, acts.n_rows))
-        torch.addmm(out, t, dense, beta=beta, out=out)
+    @staticmethod
+    def _scatter(acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
+                 values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """A^T @ dense ([n_cols, d]), A = acts pattern with `values`: one bag per latent
+        (its entries, sorted by latent) summing the weighted rows of `dense`. embedding_bag's
+        fused gather-sum ran 2x faster than the CSR sparse @ dense product on this CPU (466
+        vs 959 ms at d_sae 16,384, batch 4,096); a latent with no entry gets a zero row."""
+        return F.embedding_bag(acts.rows[order], dense, crow[:-1], mode="sum",
+                               per_sample_weights=values[order].to(dense.dtype))
 
     @staticmethod
     def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +213,9 @@ class SparseTopKStep:
                 grad_b_dec -= sae.W_enc @ grad_b_enc
         with record_function("saediff.transpose"):
             # the gradient is built as [d_sae, d_in] (CSR rows = latents); W_enc is [d_in, d_sae]
-            self.buf_w_enc.copy_(self.buf_w_enc_t.T)
+            self.buf_w_enc.copy_(self.grad_w_enc_t.T)
         sae.W_enc.grad = self.buf_w_enc
-        sae.W_dec.grad = self.buf_w_dec
+        sae.W_dec.grad = self.grad_w_dec
         sae.b_enc.grad = grad_b_enc
         sae.b_dec.grad = grad_b_dec
         return {"mse_loss": mse, "auxiliary_reconstruction_loss": aux, "loss": mse + aux,
@@ -234,12 +234,12 @@ class SparseTopKStep:
 
     def _accumulate(self, parts: list[tuple[SparseActs, torch.Tensor, torch.Tensor]],
                     sae_in: torch.Tensor) -> torch.Tensor:
-        """buf_w_dec = sum A^T g, buf_w_enc_t = sum dA^T sae_in over `parts` (acts with values
+        """grad_w_dec = sum A^T g, grad_w_enc_t = sum dA^T sae_in over `parts` (acts with values
         a, g, da: the main loss and the aux loss); returns d b_enc (colsum of every dA).
 
         The parts go in one sparse product over stacked rows (part i's entries point at rows
-        i*B.. of [g_0; g_1] and [sae_in; sae_in]): one transpose pattern and one pass over each
-        [d_sae, d_in] buffer instead of a second read-modify-write pass for the aux loss."""
+        i*B.. of [g_0; g_1] and [sae_in; sae_in]): one transpose pattern and one write of each
+        [d_sae, d_in] gradient instead of a second read-modify-write pass for the aux loss."""
         acts, g, da = parts[0]
         if len(parts) > 1:
             B = acts.n_rows
@@ -250,8 +250,8 @@ class SparseTopKStep:
             da = torch.cat([p[2] for p in parts])
             sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
-        self._scatter(acts, order, crow, acts.vals, g, self.buf_w_dec, 0.0)
-        self._scatter(acts, order, crow, da, sae_in, self.buf_w_enc_t, 0.0)
+        self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g)
+        self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in)
         return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
             0, acts.cols, da)
 
