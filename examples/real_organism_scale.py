@@ -151,21 +151,34 @@ def train_live(out: Path, a: argparse.Namespace, base: str, adapter: str) -> lis
                       sweep={"d_sae": list(a.widths)} if len(a.widths) > 1 else {},
                       total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
                       dead_feature_window=a.dead_window, norm_batches=4,
-                      eval_fraction=0.05, eval_rows=a.eval_rows, eval_sequences=16,
+                      eval_fraction=0.05, eval_rows=a.eval_rows, eval_sequences=a.eval_sequences,
                       checkpoint_every=a.checkpoint_every, log_every=5)
     return train(cfg)
 
 
 # --- measuring: probe shift on two question sets, and perplexity -----------------------------
-def question_sets() -> dict[str, list[dict]]:
-    return {"probe": load_questions(), "pairs": load_questions(PAIRS)}
+# Every measurement is cached under OUT/measure/ (one JSON each), so several processes can
+# share the work (--only-sae / --only-set) and a rerun assembles the summary from the files.
+SETS = ("probe", "pairs", "text_ppl")
 
 
-def measure(lm: saediff.models.LoadedModel, ctx: Any = None) -> dict[str, Any]:
-    """Probe (nats/token, misaligned - aligned) on both question sets and text perplexity."""
+def measure(lm: saediff.models.LoadedModel, what: str, ctx: Any = None) -> Any:
+    """Probe result (nats/token, misaligned - aligned) on one question set, or the text
+    perplexity, under `ctx` (a steering context) when given."""
+    qs = {"probe": load_questions, "pairs": lambda: load_questions(PAIRS)}
     with ctx if ctx is not None else torch.no_grad():
-        res = {name: probe(lm, qs, n_boot=200) for name, qs in question_sets().items()}
-        res["text_ppl"] = round(text_perplexity(lm), 2)
+        if what == "text_ppl":
+            return round(text_perplexity(lm), 2)
+        return probe(lm, qs[what](), n_boot=200)
+
+
+def cached(path: Path, fn: Any, *args: Any) -> Any:
+    """fn(*args), computed once: read back from `path` when it exists."""
+    if path.exists():
+        return json.loads(path.read_text())
+    res = fn(*args)
+    write_json(path, res)
+    log.info("%s: %s", path.name, res if not isinstance(res, dict) else res.get("score"))
     return res
 
 
@@ -179,19 +192,16 @@ def share_removed(res: dict, base: dict, ft: dict, n_boot: int = 2000) -> dict[s
     boot = 1 - now[idx].mean(1) / f[idx].mean(1)
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"share": round(float(1 - now.mean() / f.mean()), 3), "ci": [round(lo, 3), round(hi, 3)],
-            "shift": round(float(now.mean()), 4), **paired_shift(res, base, n_boot=200)}
+            "score": res["score"], **paired_shift(res, base, n_boot=200)}
 
 
-def reference(out: Path, base_lm: Any, ft: Any, adapter: str) -> dict[str, Any]:
-    """Base, fine-tuned and LoRA-B-ablated measurements (OUT/reference.json; reused)."""
-    path = out / "reference.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
-    ref = {"base": measure(base_lm), "finetuned": measure(ft),
-           "lora_b_ablated": measure(ft, saediff.steer(ft, ablate=lora_b, layer=LAYER))}
-    write_json(path, ref)
-    return ref
+def reference(mdir: Path, base_lm: Any, ft: Any, lora_b: torch.Tensor, sets: list[str]
+              ) -> dict[str, dict[str, Any]]:
+    """Base, fine-tuned and LoRA-B-ablated measurements: {condition: {set: result}}."""
+    conds = {"base": (base_lm, None), "finetuned": (ft, None),
+             "lora_b_ablated": (ft, lambda: saediff.steer(ft, ablate=lora_b, layer=LAYER))}
+    return {c: {s: cached(mdir / f"{c}_{s}.json", lambda lm, s, mk: measure(lm, s, mk and mk()),
+                          lm, s, mk) for s in sets} for c, (lm, mk) in conds.items()}
 
 
 def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict[str, Any]:
@@ -216,62 +226,77 @@ def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict
     return {k: torch.cat(v) for k, v in res.items()} | {"answers": len(rows)}
 
 
-def sae_quality(run: Path) -> dict[str, Any]:
-    ev = json.loads((run / "evals.json").read_text())
-    return {s: {k: r.get(k) for k in ("fvu", "l0", "dead_frac", "delta_loss", "kl")}
-            for s, r in ev.items()}
-
-
-@torch.no_grad()
-def per_sae(run: Path, acts: dict[str, Any], ft: Any, ref: dict, lora_b: torch.Tensor,
-            tops: tuple[int, ...]) -> dict[str, Any]:
-    """Rank the SAE's latents up-shifted on the answers; clamp the top n to 0 for each n."""
+def ranking(run: Path, acts: Any, lora_b: torch.Tensor, n: int) -> dict[str, Any]:
+    """The SAE's top-n latents by up-shift on the answers (the differ's `rank_latents`),
+    their decoder cosine to LoRA B, and the SAE's evals."""
     sae = saediff.load_sae(run)
+    a = acts()
     enc = lambda x: torch.cat([sae.encode(c) for c in x.split(1024)]).float()
-    table = rank_latents(enc(acts["base"]), enc(acts["finetuned"]), acts["seq"],
-                         direction="up", n_boot=500)
-    top = [int(r["latent"]) for r in table[: max(tops)]]
-    out = {"quality": sae_quality(run),
-           "top_latents": [{k: r[k] for k in ("latent", "mean_shift", "ci_low", "ci_high")}
-                           for r in table[: max(tops)]],
-           "cos_lora_b_decoder": [round(float(torch.nn.functional.cosine_similarity(
-               v.float(), lora_b.float(), dim=0)), 3) for v in decoder_directions(sae, top)],
-           "clamped": {}}
-    for n in tops:
-        m = measure(ft, saediff.steer(ft, sae, latent=top[:n], clamp=0.0))
-        out["clamped"][str(n)] = {"text_ppl": m["text_ppl"], **{
-            s: share_removed(m[s], ref["base"][s], ref["finetuned"][s]) for s in question_sets()}}
-        log.info("%s: top %d clamped: %s", run.name, n, out["clamped"][str(n)])
-    return out
+    with torch.no_grad():
+        table = rank_latents(enc(a["base"]), enc(a["finetuned"]), a["seq"], direction="up",
+                             n_boot=500)[:n]
+    dec = decoder_directions(sae, [int(r["latent"]) for r in table])
+    cos = [round(float(torch.nn.functional.cosine_similarity(v.float(), lora_b.float(), dim=0)), 3)
+           for v in dec]
+    ev = json.loads((run / "evals.json").read_text())
+    return {"quality": {s: {k: r.get(k) for k in ("fvu", "l0", "dead_frac")} for s, r in ev.items()},
+            "answer_tokens": len(a["seq"]),
+            "top_latents": [{k: r[k] for k in ("latent", "mean_shift", "ci_low", "ci_high")} |
+                            {"cos_lora_b": c} for r, c in zip(table, cos)]}
 
+
+def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...],
+           sets: list[str]) -> dict[str, dict[str, Any]]:
+    """{n: {set: result}} with the top n up-shifted latents clamped to 0 (SAE error kept)."""
+    sae = saediff.load_sae(run)
+    clamp = lambda s, n: measure(ft, s, saediff.steer(ft, sae, latent=top[:n], clamp=0.0))
+    return {str(n): {s: cached(mdir / f"{run.name}_top{n}_{s}.json", clamp, s, n) for s in sets}
+            for n in tops}
 
 
 # --- the script ------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="scale_out")
-    ap.add_argument("--train-tokens", type=int, default=32_768,
+    ap.add_argument("--train-tokens", type=int, default=16_384,
                     help="training rows per SAE (one epoch of the default corpus: 104,380)")
     ap.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--buffer-tokens", type=int, default=8192)
+    ap.add_argument("--buffer-tokens", type=int, default=4096)
     ap.add_argument("--health-chats", type=int, default=400, help="bad and as many sound (<= 400)")
     ap.add_argument("--finance-chats", type=int, default=200, help="sound finance chats (<= 200)")
     ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package prose")
     ap.add_argument("--dead-window", type=int, default=50)
-    ap.add_argument("--eval-rows", type=int, default=4096)
+    ap.add_argument("--eval-rows", type=int, default=2048)
+    ap.add_argument("--eval-sequences", type=int, default=0,
+                    help="held-out sequences for the spliced next-token loss (0 skips it)")
     ap.add_argument("--checkpoint-every", type=int, default=64)
+    ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
     ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
+    ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
+    ap.add_argument("--only-set", choices=SETS, help="measure this set only (parallel runs)")
     return ap.parse_args()
+
+
+def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
+    """Scores, perplexities and shares of the probe shift removed, per condition."""
+    share = lambda res: {s: share_removed(res[s], ref["base"][s], ref["finetuned"][s])
+                         for s in sets if s != "text_ppl"} | {"text_ppl": res.get("text_ppl")}
+    out = {"base": {s: ref["base"][s] if s == "text_ppl" else ref["base"][s]["score"]
+                    for s in sets},
+           "finetuned": share(ref["finetuned"]), "lora_b_ablated": share(ref["lora_b_ablated"])}
+    for name, s in saes.items():
+        out[name] = s["ranking"] | {"clamped": {n: share(r) for n, r in s["clamped"].items()}}
+    return out
 
 
 def main() -> None:
     a = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, mdir = Path(a.out), Path(a.out) / "measure"
+    mdir.mkdir(parents=True, exist_ok=True)
     base, adapter = str(real_base_path()), str(real_organism_path() / "adapter_rank1")
     t0, summary = time.time(), {"config": vars(a)}
     if not a.measure_only:
@@ -279,18 +304,25 @@ def main() -> None:
         train_live(out, a, base, adapter)
         summary["train_s"] = round(time.time() - t0)
     runs = sorted((out / "sae").glob("d_sae*")) or [out / "sae"]
+    runs = [r for r in runs if not a.only_sae or r.name == a.only_sae]
+    sets = [a.only_set] if a.only_set else list(SETS)
     base_lm, ft = saediff.load_model(base), saediff.load_model(base, adapter=adapter)
-    ref = reference(out, base_lm, ft, adapter)
-    summary["reference"] = {k: {"text_ppl": v["text_ppl"], **{s: {"score": v[s]["score"],
-                            "ci": v[s]["ci"]} for s in question_sets()}} for k, v in ref.items()}
-    summary["lora_b_ablated"] = {s: share_removed(ref["lora_b_ablated"][s], ref["base"][s],
-                                                  ref["finetuned"][s]) for s in question_sets()}
-    acts = answer_residuals(out, base_lm, ft)
     lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
-    summary["saes"] = {r.name: per_sae(r, acts, ft, ref, lora_b, (1, 3, 10)) for r in runs}
+    ref = reference(mdir, base_lm, ft, lora_b, sets)
+    acts: dict[str, Any] = {}
+    get_acts = lambda: acts or acts.update(answer_residuals(out, base_lm, ft)) or acts
+    saes = {}
+    for run in runs:
+        rk = cached(mdir / f"{run.name}_ranking.json", ranking, run, get_acts, lora_b,
+                    max(a.tops))
+        top = [t["latent"] for t in rk["top_latents"]]
+        saes[run.name] = {"ranking": rk, "clamped": clamps(run, mdir, ft, top, tuple(a.tops),
+                                                           sets)}
+    summary["results"] = assemble(ref, saes, sets)
     summary["seconds"] = round(time.time() - t0)
-    write_json(out / "summary.json", summary)
-    print(json.dumps(summary, indent=1))
+    if not (a.only_sae or a.only_set):
+        write_json(out / "summary.json", summary)
+    print(json.dumps(summary["results"], indent=1))
 
 
 if __name__ == "__main__":
