@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import saediff
 from saediff.diff.differ import rank_latents
 from saediff.diff.directions import lora_b_vectors
-from saediff.io import write_json, write_jsonl
+from saediff.io import atomic_path, write_json, write_jsonl
 from saediff.models import ROLE_RESPONSE, encode_chat, pad_batch, run_to_layer
 from saediff.organism.real import real_base_path, real_organism_path
 from saediff.organism.real.probe import (
@@ -215,6 +216,9 @@ def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict
         write_jsonl(path, [{"prompt": q["question"], "response": a} for q, ans in zip(qs, gen)
                            for a in ans])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    acts_path = out / "answer_acts.safetensors"
+    if acts_path.exists():
+        return load_file(str(acts_path)) | {"answers": len(rows)}
     res: dict[str, list] = {"base": [], "finetuned": [], "seq": []}
     for i, r in enumerate(rows):
         ids, roles = encode_chat(ft.tokenizer, r["prompt"], r["response"] or ".")
@@ -223,7 +227,10 @@ def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict
         for name, lm in (("base", base_lm), ("finetuned", ft)):
             res[name].append(run_to_layer(lm, x, m, LAYER)[0][keep].float())
         res["seq"].append(torch.full((int(keep.sum()),), i // samples))
-    return {k: torch.cat(v) for k, v in res.items()} | {"answers": len(rows)}
+    acts = {k: torch.cat(v).contiguous() for k, v in res.items()}
+    with atomic_path(acts_path) as tmp:
+        save_file(acts, str(tmp))
+    return acts | {"answers": len(rows)}
 
 
 def ranking(run: Path, acts: Any, lora_b: torch.Tensor, n: int) -> dict[str, Any]:
