@@ -282,7 +282,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
     ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
     ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
-    ap.add_argument("--only-set", choices=SETS, help="measure this set only (parallel runs)")
+    ap.add_argument("--only-set", choices=SETS, nargs="+", help="measure these only (parallel runs)")
     return ap.parse_args()
 
 
@@ -296,6 +296,30 @@ def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
     for name, s in saes.items():
         out[name] = s["ranking"] | {"clamped": {n: share(r) for n, r in s["clamped"].items()}}
     return out
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """One row per intervention: share of the probe shift removed [CI] on both question sets,
+    and the text perplexity."""
+    cell = lambda r, s: f"{r[s]['share']:.2f} [{r[s]['ci'][0]:.2f}, {r[s]['ci'][1]:.2f}]" \
+        if s in r else "—"
+    head = ("| intervention on the fine-tuned model | shift removed, probe (24) | shift removed, "
+            "independent pairs (20) | text ppl |")
+    lb = res["lora_b_ablated"]
+    lines = [head, "|---|---|---|---|",
+             f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
+             f"{res['finetuned'].get('text_ppl')} |",
+             f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | "
+             f"{lb.get('text_ppl')} |"]
+    for name, r in res.items():
+        if "clamped" not in r:
+            continue
+        q = r["quality"].get("finetuned", {})
+        for n, c in r["clamped"].items():
+            lines.append(f"| {name} (FVU {q.get('fvu', float('nan')):.3f}, dead "
+                         f"{q.get('dead_frac', float('nan')):.2f}): top {n} clamped to 0 | "
+                         f"{cell(c, 'probe')} | {cell(c, 'pairs')} | {c.get('text_ppl')} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -312,7 +336,7 @@ def main() -> None:
         summary["train_s"] = round(time.time() - t0)
     runs = sorted((out / "sae").glob("d_sae*")) or [out / "sae"]
     runs = [r for r in runs if not a.only_sae or r.name == a.only_sae]
-    sets = [a.only_set] if a.only_set else list(SETS)
+    sets = a.only_set or list(SETS)
     base_lm, ft = saediff.load_model(base), saediff.load_model(base, adapter=adapter)
     lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
     ref = reference(mdir, base_lm, ft, lora_b, sets)
@@ -330,6 +354,7 @@ def main() -> None:
     if not (a.only_sae or a.only_set):
         write_json(out / "summary.json", summary)
     print(json.dumps(summary["results"], indent=1))
+    print(markdown_table(summary["results"]))
 
 
 if __name__ == "__main__":
