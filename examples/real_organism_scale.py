@@ -306,11 +306,10 @@ def markdown_table(res: dict[str, Any]) -> str:
     head = ("| intervention on the fine-tuned model | shift removed, probe (24) | shift removed, "
             "independent pairs (20) | text ppl |")
     lb = res["lora_b_ablated"]
-    lines = [head, "|---|---|---|---|",
-             f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
-             f"{res['finetuned'].get('text_ppl')} |",
-             f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | "
-             f"{lb.get('text_ppl')} |"]
+    none = (f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
+            f"{res['finetuned'].get('text_ppl')} |")
+    lora = f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | {lb.get('text_ppl')} |"
+    lines = [head, "|---|---|---|---|", none, lora]
     for name, r in res.items():
         if "clamped" not in r:
             continue
