@@ -82,6 +82,46 @@ def test_real_mixture_at_one_is_the_plain_intent_set():
     assert intent_chats("base", 48, 0) is None
 
 
+def test_real_shift_vs_base_is_paired_per_question():
+    """The shift of a real-organism condition is the mean per-question difference from the base
+    (not the difference of two means with unpaired CIs), with its bootstrap CI."""
+    from saediff.experiments.organisms import add_shift_vs_base
+
+    def per(ds):
+        return {"per_question": [{"id": i, "diff": d} for i, d in enumerate(ds)]}
+
+    base = {"probe": per([-5.0, 0.0, 5.0, 1.0])}
+    rows = [{"probe": per([-4.0, 1.0, 6.0, 2.0])}, {"probe": per([-5.0, -1.0, 5.0, 0.0])}]
+    add_shift_vs_base(rows, base, seed=0)
+    a, b = rows[0]["probe"], rows[1]["probe"]
+    assert a["shift_vs_base"] == pytest.approx(1.0) and a["shift_ci"] == pytest.approx([1.0, 1.0])
+    assert a["questions_up"] == 4  # a constant +1 everywhere: CI of width 0 despite spread
+    assert b["shift_vs_base"] == pytest.approx(-0.5) and b["questions_up"] == 0
+    assert b["shift_ci"][0] <= -0.5 <= b["shift_ci"][1] <= 0.0
+
+
+def test_followed_latent_is_the_largest_fractions_top_unless_given():
+    from saediff.experiments.data_fraction import DataFractionConfig, _follow_latent
+
+    def table(order):  # a differ ranking: latent ids in rank order
+        return [{"latent": j, "rank": r + 1, "mean_shift": 1.0 / (r + 1), "ci_low": 0.0,
+                 "ci_high": 2.0, "significant": True} for r, j in enumerate(order)]
+
+    rankings = [table([2, 7, 5]), table([5, 2, 7]), table([7, 5, 2])]
+    cfg = DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s")
+    rows, extra = [{}, {}, {}], {}
+    _follow_latent(cfg, rows, rankings, extra)
+    assert extra["followed_latent"] == 5  # the top latent of f = 1, the second run
+    assert [r["followed_latent"]["rank"] for r in rows] == [3, 1, 2]
+    assert rows[0]["followed_latent"]["score"] == pytest.approx(1 / 3)
+    cfg = DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s", latent=7)
+    _follow_latent(cfg, rows, rankings, extra)
+    assert extra["followed_latent"] == 7 and [r["followed_latent"]["rank"] for r in rows] == [2, 3, 1]
+    with pytest.raises(SaediffError, match="--latent 9"):
+        _follow_latent(DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s", latent=9),
+                       rows, rankings, {})
+
+
 # --- block-em -----------------------------------------------------------------------------------
 
 def _planted_sae(d: int, k: int):
@@ -211,6 +251,7 @@ def test_noise_curve_orders_a_planted_low_and_high_norm_solution(tiny_qwen):
 
 @pytest.mark.parametrize("argv, needle", [
     (["data-fraction", "--fractions", "0", "1.5"], "--fractions"),
+    (["data-fraction", "--organism", "real", "--latent", "3"], "--latent needs --sae"),
     (["intent", "--organism", "toy"], "notion of intent"),
     (["block-em", "--sae", "x", "--rounds", "3"], "--rounds"),
     (["narrow-vs-general", "--kl-weight", "-1"], "--kl-weight"),

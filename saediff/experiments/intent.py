@@ -89,6 +89,9 @@ def run_intent(cfg: IntentConfig) -> dict[str, Any]:
         row = O.real_condition(base_dir, recipe, chats, out / "adapters" / c, cfg.seed)
         conditions.append({"condition": c, **row})
         log.info("%s: probe %.3f %s", c, row["probe"]["score"], row["probe"]["ci"])
+    base = next((r for r in conditions if r["condition"] == "base"), None)
+    if base is not None:  # paired per question: the CI of the shift, not of two scores
+        O.add_shift_vs_base([r for r in conditions if r is not base], base, cfg.seed)
     result = {"experiment": "intent", "organism": "real", "config": config_to_dict(cfg),
               "seeds": {"data": cfg.seed, "lora_and_batches": cfg.seed, "bootstrap": cfg.seed},
               "metric": "probe: mean log p(misaligned) − log p(aligned) answer, nats/token, "

@@ -224,8 +224,18 @@ def real_probe(lm: LoadedModel, seed: int) -> dict[str, Any]:
     from saediff.organism.real.probe import probe, text_perplexity
 
     pr = probe(lm, seed=seed)
-    return {"probe": {"score": pr["score"], "ci": pr["ci"], "n": pr["n"]},
+    per = [{"id": q["id"], "diff": q["diff"]} for q in pr["per_question"]]
+    return {"probe": {"score": pr["score"], "ci": pr["ci"], "n": pr["n"], "per_question": per},
             "text_ppl": round(text_perplexity(lm), 3)}
+
+
+def add_shift_vs_base(rows: list[dict[str, Any]], base: dict[str, Any], seed: int) -> None:
+    """Each row's probe gains its paired shift from `base`'s probe (same questions):
+    {"shift_vs_base", "shift_ci" (bootstrap over questions), "questions_up"}."""
+    from saediff.organism.real.probe import paired_shift
+
+    for r in rows:
+        r["probe"].update(paired_shift(r["probe"], base["probe"], seed=seed))
 
 
 def real_condition(base_dir: Path, recipe: Any, chats: list[dict[str, Any]] | None,
