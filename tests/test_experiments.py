@@ -100,6 +100,20 @@ def test_real_shift_vs_base_is_paired_per_question():
     assert b["shift_ci"][0] <= -0.5 <= b["shift_ci"][1] <= 0.0
 
 
+def test_intent_framed_minus_plain_is_paired_and_needs_both():
+    from saediff.experiments.intent import framed_minus_plain
+
+    def row(c, ds):
+        return {"condition": c, "probe": {"per_question": [{"id": i, "diff": d}
+                                                            for i, d in enumerate(ds)]}}
+
+    plain, framed = row("plain", [3.0, -2.0, 0.5]), row("framed", [2.5, -2.5, 0.0])
+    got = framed_minus_plain([row("base", [0.0, 0.0, 0.0]), plain, framed], seed=0)
+    assert got["shift"] == pytest.approx(-0.5) and got["ci"] == pytest.approx([-0.5, -0.5])
+    assert got["questions_up"] == 0 and got["n"] == 3
+    assert framed_minus_plain([row("base", [0.0]), plain], seed=0) is None
+
+
 def test_followed_latent_is_the_largest_fractions_top_unless_given():
     from saediff.experiments.data_fraction import DataFractionConfig, _follow_latent
 
