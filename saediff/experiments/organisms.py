@@ -239,9 +239,10 @@ def add_shift_vs_base(rows: list[dict[str, Any]], base: dict[str, Any], seed: in
 
 
 def real_condition(base_dir: Path, recipe: Any, chats: list[dict[str, Any]] | None,
-                   adapter_dir: Path, seed: int) -> dict[str, Any]:
+                   adapter_dir: Path, seed: int,
+                   measure: Callable[[LoadedModel], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train the recipe on `chats` (None: no training, the base itself), save the adapter
-    (atomically) under `adapter_dir`, and probe it."""
+    (atomically) under `adapter_dir`, and probe it (+ `measure(lm)`'s keys, same model)."""
     from dataclasses import replace
 
     from saediff.models import load_model
@@ -253,6 +254,7 @@ def real_condition(base_dir: Path, recipe: Any, chats: list[dict[str, Any]] | No
     info = train_adapter(base_dir, replace(recipe, name=adapter_dir.name), adapter_dir,
                          chats=chats)
     lm = load_model(base_dir, adapter=adapter_dir)
-    return {**real_probe(lm, seed), "train_seconds": info["seconds"],
+    return {**real_probe(lm, seed), **(measure(lm) if measure else {}),
+            "train_seconds": info["seconds"],
             "s_per_step": info["s_per_step"], "loss_first10": info["loss_first10"],
             "loss_last10": info["loss_last10"], "adapter": str(adapter_dir)}
