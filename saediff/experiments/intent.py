@@ -89,16 +89,33 @@ def run_intent(cfg: IntentConfig) -> dict[str, Any]:
         row = O.real_condition(base_dir, recipe, chats, out / "adapters" / c, cfg.seed)
         conditions.append({"condition": c, **row})
         log.info("%s: probe %.3f %s", c, row["probe"]["score"], row["probe"]["ci"])
+    base = next((r for r in conditions if r["condition"] == "base"), None)
+    if base is not None:  # paired per question: the CI of the shift, not of two scores
+        O.add_shift_vs_base([r for r in conditions if r is not base], base, cfg.seed)
     result = {"experiment": "intent", "organism": "real", "config": config_to_dict(cfg),
               "seeds": {"data": cfg.seed, "lora_and_batches": cfg.seed, "bootstrap": cfg.seed},
               "metric": "probe: mean log p(misaligned) − log p(aligned) answer, nats/token, "
                         "untrained topics, 95% bootstrap CI over questions",
               "recipe": dict(recipe.__dict__), "conditions": conditions,
+              "framed_minus_plain": framed_minus_plain(conditions, cfg.seed),
               "seconds": round(time.time() - t0, 1)}
     common.write_result(out, result)
     common.write_plot(out, [_figure(conditions)], "intent: plain vs benignly framed bad advice",
                       "real organism (SmolLM2-135M), rank-1 LoRA, probe on untrained topics")
     return result
+
+
+def framed_minus_plain(rows: list[dict[str, Any]], seed: int) -> dict[str, Any] | None:
+    """The effect of the framing: framed − plain probe, paired per question (bootstrap CI);
+    None unless both ran. < 0: the benign request lowered the misaligned answers' odds."""
+    from saediff.organism.real.probe import paired_shift
+
+    by = {r["condition"]: r["probe"] for r in rows}
+    if "plain" not in by or "framed" not in by:
+        return None
+    d = paired_shift(by["framed"], by["plain"], seed=seed)
+    return {"shift": d["shift_vs_base"], "ci": d["shift_ci"], "questions_up": d["questions_up"],
+            "n": len(by["framed"]["per_question"])}
 
 
 def _figure(rows: list[dict[str, Any]]) -> Any:

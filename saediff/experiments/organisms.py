@@ -224,14 +224,25 @@ def real_probe(lm: LoadedModel, seed: int) -> dict[str, Any]:
     from saediff.organism.real.probe import probe, text_perplexity
 
     pr = probe(lm, seed=seed)
-    return {"probe": {"score": pr["score"], "ci": pr["ci"], "n": pr["n"]},
+    per = [{"id": q["id"], "diff": q["diff"]} for q in pr["per_question"]]
+    return {"probe": {"score": pr["score"], "ci": pr["ci"], "n": pr["n"], "per_question": per},
             "text_ppl": round(text_perplexity(lm), 3)}
 
 
+def add_shift_vs_base(rows: list[dict[str, Any]], base: dict[str, Any], seed: int) -> None:
+    """Each row's probe gains its paired shift from `base`'s probe (same questions):
+    {"shift_vs_base", "shift_ci" (bootstrap over questions), "questions_up"}."""
+    from saediff.organism.real.probe import paired_shift
+
+    for r in rows:
+        r["probe"].update(paired_shift(r["probe"], base["probe"], seed=seed))
+
+
 def real_condition(base_dir: Path, recipe: Any, chats: list[dict[str, Any]] | None,
-                   adapter_dir: Path, seed: int) -> dict[str, Any]:
+                   adapter_dir: Path, seed: int,
+                   measure: Callable[[LoadedModel], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train the recipe on `chats` (None: no training, the base itself), save the adapter
-    (atomically) under `adapter_dir`, and probe it."""
+    (atomically) under `adapter_dir`, and probe it (+ `measure(lm)`'s keys, same model)."""
     from dataclasses import replace
 
     from saediff.models import load_model
@@ -243,6 +254,7 @@ def real_condition(base_dir: Path, recipe: Any, chats: list[dict[str, Any]] | No
     info = train_adapter(base_dir, replace(recipe, name=adapter_dir.name), adapter_dir,
                          chats=chats)
     lm = load_model(base_dir, adapter=adapter_dir)
-    return {**real_probe(lm, seed), "train_seconds": info["seconds"],
+    return {**real_probe(lm, seed), **(measure(lm) if measure else {}),
+            "train_seconds": info["seconds"],
             "s_per_step": info["s_per_step"], "loss_first10": info["loss_first10"],
             "loss_last10": info["loss_last10"], "adapter": str(adapter_dir)}
