@@ -107,18 +107,6 @@ def test_the_checker_catches_each_kind_of_problem(graph, expected):
     assert any(p.startswith(expected) for p in find_problems(graph))
 
 
-def test_old_module_paths_still_import_with_a_deprecation_warning():
-    import importlib
-    import warnings
-
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        old = importlib.import_module("saediff.cachefile")
-    assert old.open_cache is importlib.import_module("saediff.cache.format").open_cache
-    assert any(issubclass(x.category, DeprecationWarning) and "saediff.cache.format" in str(x.message)
-               for x in w)
-
-
 # --- one training loop, one judged-generation path, one writer module, short functions --------
 # Grep-level checks over the AST of every module in saediff/ (issue 21's "Done when").
 
