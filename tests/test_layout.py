@@ -286,31 +286,22 @@ def long_modules(root: Path = PKG, limit: int = MODULE_LINES) -> list[str]:
     return out
 
 
-_LANDS = "passes once the trainer/judge/shape branches of issue 21 land"
-
-
-@pytest.mark.xfail(strict=True, reason=_LANDS + " (train/crosscoder.py's own loop)")
 def test_one_training_loop():
     assert training_loop_problems(_sources()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_LANDS + " (steer/evaluate, sweep, leaderboard, amplify)")
 def test_one_judged_generation_path():
     assert judged_generation_problems(_sources()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_LANDS + " (train/loop.py metrics append, organism/build.py)")
 def test_every_write_goes_through_saediff_io():
     assert write_problems(_sources()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_LANDS + " (run_diff, run_demo, _train, steer)")
 def test_no_function_longer_than_60_lines():
     assert long_functions(_sources()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_LANDS + " (models.py 433, cache/format.py 424, "
-                   "organism/build.py 402 lines)")
 def test_no_module_longer_than_400_lines():
     assert long_modules() == []
 
