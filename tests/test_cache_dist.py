@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from saediff.cache import open_cache, verify_cache
+
 from test_cache import write_data
 
 
