@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from saediff.cache import open_cache, verify_cache
+
 from test_cache import write_data
 
 
@@ -39,7 +40,7 @@ def _per_document(path: Path) -> dict[int, dict[str, np.ndarray]]:
     return {int(d): {k: v[doc == d] for k, v in cols.items()} for d in np.unique(doc)}
 
 
-def test_two_ranks_hold_the_same_rows_per_document_as_one(tmp_path, tiny_qwen, tiny_qwen_ft):
+def test_two_ranks_hold_the_same_rows_per_document_as_one(tmp_path, tiny_qwen, tiny_qwen_ft, capsys):
     data = write_data(tmp_path / "docs.jsonl", n=30)
     common = ["--base", str(tiny_qwen), "--finetuned", str(tiny_qwen_ft), "--layer", "1",
               "--dataset", str(data), "--prompt-field", "prompt", "--response-field", "response",
@@ -66,9 +67,11 @@ def test_two_ranks_hold_the_same_rows_per_document_as_one(tmp_path, tiny_qwen, t
         assert np.array_equal(np.repeat(np.arange(c.n_sequences), np.diff(offs)), seq)
     assert info["world_size"] == 2 and info["complete"]
     assert verify_cache(tmp_path / "two.h5") == []
-    out = subprocess.run([sys.executable, "-m", "saediff", "cache", "info", str(tmp_path / "two.h5"),
-                          "--json"], capture_output=True, text=True, cwd=tmp_path)
-    assert json.loads(out.stdout)["world_size"] == 2
+    from saediff.cli import main  # in-process: one interpreter start less than a subprocess
+
+    capsys.readouterr()
+    assert main(["cache", "info", str(tmp_path / "two.h5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_size"] == 2
     with open_cache(tmp_path / "one.h5") as c:
         assert c.info()["world_size"] == 1
     # the training store serves it like any cache (rows from both shards)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from saediff.diff.data import DiffConfig, build_examples, encode_sides, load_prompts, selected_roles
 from saediff.diff.differ import latent_activations, rank_latents, run_diff
-from saediff.diff.data import DiffConfig, encode_sides, build_examples, load_prompts, selected_roles
 from saediff.diff.directions import diff_in_means, lora_b_vectors, span_explained
 from saediff.errors import SaediffError
 from saediff.stats import auroc, bootstrap_mean_ci, group_sums
+
+import tiny
 
 LAYER = 1
 
@@ -460,46 +461,36 @@ def test_contexts_from_cache(setup, tiny_qwen, tmp_path):
 
 # --- the toy organism (issue 4): the top latent separates the ground-truth personas ---------
 
-def _organism_dir() -> Path | None:
+def _organism_dir() -> Path:
+    """The shipped toy organism (or $SAEDIFF_ORGANISM_DIR): it ships with the package, so a
+    missing part is a failure, not a skip."""
     import os
 
     from saediff.organism import organism_path
 
     p = Path(os.environ.get("SAEDIFF_ORGANISM_DIR") or organism_path())
-    ok = (p / "base").is_dir() and ((p / "finetuned").is_dir() or (p / "adapter").is_dir())
-    return p if ok and (p / "heldout_labelled.jsonl").is_file() else None
+    missing = [n for n in ("base", "heldout_labelled.jsonl") if not (p / n).exists()]
+    if not ((p / "finetuned").is_dir() or (p / "adapter").is_dir()):
+        missing.append("finetuned/ or adapter/")
+    assert not missing, f"the toy organism at {p} lacks {missing} (rebuild: saediff organism build)"
+    return p
 
 
-def train_topk_sae(x: torch.Tensor, d_sae: int = 384, k: int = 8, steps: int = 800,
-                   seed: int = 0, hook: str = f"blocks.{LAYER}.hook_resid_post"):
-    """A small TopK SAE trained here (plain Adam on MSE), returned as a SAELens TopKSAE."""
-    from sae_lens import TopKSAE, TopKSAEConfig
+def train_topk_sae(x: torch.Tensor, out: Path, d_sae: int = 384, k: int = 8, steps: int = 800,
+                   seed: int = 0, layer: int = LAYER):
+    """A small TopK SAE trained by saediff's own trainer (`saediff.train.train`, the loop every
+    `saediff train` runs) on the rows `x`, saved in `out` and loaded back with `load_sae`."""
+    from saediff.sae import load_sae
+    from saediff.train import TrainConfig, train
+    from saediff.train.trainer import TensorStore
 
-    g = torch.Generator().manual_seed(seed)
-    w_dec = torch.randn(d_sae, x.shape[1], generator=g)
-    w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).requires_grad_(True)
-    w_enc = w_dec.detach().T.clone().requires_grad_(True)
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = x.mean(0).clone().requires_grad_(True)
-    opt = torch.optim.Adam([w_dec, w_enc, b_enc, b_dec], lr=2e-3)
-    for _ in range(steps):
-        xb = x[torch.randint(0, len(x), (1024,), generator=g)]
-        pre = (xb - b_dec) @ w_enc + b_enc
-        v, i = pre.topk(k, dim=-1)
-        rec = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ w_dec + b_dec
-        loss = (rec - xb).pow(2).sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            w_dec /= w_dec.norm(dim=1, keepdim=True)
-    cfg = TopKSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k)
-    cfg.metadata.hook_name = hook
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        for name, val in (("W_dec", w_dec), ("W_enc", w_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
-            getattr(sae, name).copy_(val)
-    return sae
+    store = TensorStore(x, 1024, seed=seed)
+    store.layer, store.hook_name = layer, f"blocks.{layer}.hook_resid_post"  # the SAE's metadata
+    cfg = TrainConfig(out=str(out), architecture="topk", d_sae=d_sae, k=k, lr=4e-4,
+                      total_tokens=steps * 1024, batch_size=1024, checkpoint_every=0,
+                      log_every=50, seed=seed)
+    (run,) = train(cfg, evals=False, store=store)
+    return load_sae(run)
 
 
 def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
@@ -533,9 +524,7 @@ def organism_diff(org: Path, out: Path, toxic_p: float = 0.3, n_conv: int = 300,
                 ids, mask = pad_batch([b[0] for b in batch], base.tokenizer.pad_token_id)
                 h = run_to_layer(lm, ids, mask, layer)
                 rows += [h[k, : len(b[0])][b[1]] for k, b in enumerate(batch)]
-    sae = train_topk_sae(torch.cat(rows).float(), steps=sae_steps,
-                         hook=f"blocks.{layer}.hook_resid_post")
-    sae.save_model(out / "sae")
+    sae = train_topk_sae(torch.cat(rows).float(), out / "sae", steps=sae_steps, layer=layer)
     qs = heldout_questions()
     qs = [(topic, q) for topic, lst in qs.items() for q in lst]
     step = max(1, len(qs) // n_questions)
@@ -573,9 +562,6 @@ def test_organism_top_latent_separates_personas(tmp_path):
     read in the base model), and its decoder must point along the adapter's B vector.
     """
     org = _organism_dir()
-    if org is None:
-        pytest.skip("toy organism not built (saediff.organism.organism_path() has no base/ and "
-                    "finetuned/; build it with `saediff organism build`)")
     res, _, aurocs = organism_diff(org, tmp_path)
     top = res.table[0]
     assert top["direction"] == "up" and top["ci_low"] > 0, top
