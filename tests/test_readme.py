@@ -33,7 +33,7 @@ CI_SIZES = [
     ("--n 2000", "--n 600"),
     ("--max-tokens 80000", "--max-tokens 20000"),
     ("--total-tokens 2000000", "--total-tokens 100000"),
-    ('"total_tokens": 1_000_000', '"total_tokens": 100_000'),
+    ("total_tokens=1_000_000", "total_tokens=100_000"),
     ("--questions-per-topic 3 --responses-from finetuned \\\n    --samples 2",
      "--questions-per-topic 1 --responses-from finetuned \\\n    --samples 1"),
     ('responses_from="finetuned")', 'responses_from="finetuned", questions_per_topic=1, n_boot=50)'),
