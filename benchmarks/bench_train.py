@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "train")]
 
 D_TOY, LAYER = 96, 1
 SWEEP = {"k": [8, 16], "d_sae": [768, 1536]}

@@ -80,8 +80,8 @@ else
 fi
 if [ "$DRY" = 1 ]; then
   # bench_live runs SmolLM2 at real width (no tiny mode); the live path itself is tested on
-  # tiny models by tests/test_live.py
-  echo; echo "=== live: skipped in --dry-run (SmolLM2 at real size; see tests/test_live.py)"
+  # tiny models by tests/cache/test_live.py
+  echo; echo "=== live: skipped in --dry-run (SmolLM2 at real size; see tests/cache/test_live.py)"
 elif [ -f benchmarks/bench_live.py ]; then
   step live "$PY" benchmarks/bench_live.py --device "$DEV" --json "$OUT/live.json"
 else

@@ -15,7 +15,7 @@ gradients by hand:
 
 It is the same function as SAELens's `training_forward_pass` (MSE + TopK auxiliary loss on
 dead latents, `rescale_acts_by_decoder_norm` honoured), so gradients match its autograd up to
-float rounding (`tests/test_train.py` checks allclose). The weights stay the SAELens
+float rounding (`tests/train/test_train.py` checks allclose). The weights stay the SAELens
 parameters; only the arithmetic differs.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from saediff.train.ddp import DataParallel
 from saediff.train.loop import TrainConfig, train
 from test_train import write_array_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 
 

@@ -3,7 +3,7 @@ before `run_diff` was split into named steps (issue 21). A refactor that changes
 CI, direction, evidence row, AUROC or trajectory value fails here.
 
 Regenerate (only for an intended change of results, and say so in the commit):
-    PYTHONPATH=. python tests/test_diff_golden.py --write
+    PYTHONPATH=. python tests/diff/test_diff_golden.py --write
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from saediff.sae import load_sae
 from saediff.train.loop import TrainConfig, build_sae, check_caches, train
 from saediff.train.trainer import TensorStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_array_cache(path: Path, acts: dict[str, np.ndarray], seq_len: int = 32,

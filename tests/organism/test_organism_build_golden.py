@@ -4,7 +4,7 @@ and metadata value, pinned to digests computed before `build` was split into nam
 written file fails here.
 
 Regenerate (only for an intended change, and say so in the commit):
-    PYTHONPATH=. python tests/test_organism_build_golden.py --write
+    PYTHONPATH=. python tests/organism/test_organism_build_golden.py --write
 """
 from __future__ import annotations
 

@@ -353,7 +353,7 @@ def test_rows_past_commit_never_served(tmp_path, pair_cache):
 
 
 def test_cli_info_json_and_verify(pair_cache):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     out = subprocess.run([sys.executable, "-m", "saediff", "cache", "info", str(pair_cache), "--json"],
                          capture_output=True, text=True, check=True, env=env)
     info = json.loads(out.stdout)

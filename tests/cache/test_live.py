@@ -22,7 +22,7 @@ from saediff.errors import SaediffError
 from saediff.models import ROLES
 from saediff.train.loop import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYER = 1
 
 

@@ -25,7 +25,7 @@ from saediff.train.loop import TrainConfig, train
 from saediff.train.trainer import TensorStore
 from test_train import write_array_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pairs(n: int = 6000, d: int = 16, seed: int = 0) -> torch.Tensor:
