@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import tiny  # noqa: E402
-
 from saediff.cache.writer import CacheConfig, build_cache, iter_sequences, load_cache_models  # noqa: E402
 from saediff.models import pad_batch  # noqa: E402
+
+import tiny  # noqa: E402
 
 
 def build_qwen_like(out: Path, d_model: int, n_layers: int, dtype: str = "float32") -> Path:

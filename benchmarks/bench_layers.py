@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import tiny  # noqa: E402
-
 from saediff.cache.format import open_cache  # noqa: E402
 from saediff.cache.writer import CacheConfig, build_cache  # noqa: E402
 from saediff.layerspec import parse_layers  # noqa: E402
+
+import tiny  # noqa: E402
 
 
 def write_text(path: Path, tokens: int) -> Path:

@@ -208,8 +208,8 @@ def interleaved(fast, batches: list[torch.Tensor], device: str, autocast, mark_d
         fast.step(batches[0])                                   # warm-up
         encode_ceiling_step(w.detach(), b.detach(), batches[0], K)
         for i, x in enumerate(batches[1:]):
-            arms = [(t_fast, lambda: fast.step(x)),
-                    (t_ceil, lambda: encode_ceiling_step(w.detach(), b.detach(), x, K))]
+            arms = [(t_fast, lambda x=x: fast.step(x)),
+                    (t_ceil, lambda x=x: encode_ceiling_step(w.detach(), b.detach(), x, K))]
             for times, fn in (arms if i % 2 == 0 else arms[::-1]):
                 times.append(timed(fn))
             mark_dead(fast)

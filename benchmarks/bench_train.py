@@ -147,12 +147,13 @@ def part4(work: Path, steps: int, gflops: float) -> dict:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
-    from test_train import write_array_cache
 
-    from saediff.train.sparse import encode_ceiling_step
     from saediff.cache.store import ActivationStore
     from saediff.train.loop import TrainConfig
+    from saediff.train.sparse import encode_ceiling_step
     from saediff.train.trainer import FastSAETrainer
+
+    from test_train import write_array_cache
 
     d, m, k, B = 896, 16384, 32, 4096
     g = torch.Generator().manual_seed(0)

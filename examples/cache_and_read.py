@@ -10,9 +10,8 @@ import tempfile
 from pathlib import Path
 
 import saediff
-from saediff.cache import CacheConfig, build_cache
+from saediff.cache import ActivationStore, CacheConfig, build_cache
 from saediff.organism import corpus_records, metadata, organism_path
-from saediff.cache import ActivationStore
 
 
 def main() -> None:

@@ -113,7 +113,8 @@ def main() -> None:
     mean_diff = diff_in_means(r_mis, r_ali)
     lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
     dec = decoder_directions(sae, [int(top["latent"])])[0]
-    cos = lambda u, v: float(torch.nn.functional.cosine_similarity(u.float(), v.float(), dim=0))
+    def cos(u, v):
+        return float(torch.nn.functional.cosine_similarity(u.float(), v.float(), dim=0))
     summary["cosines"] = {"mean_diff~lora_b": cos(mean_diff, lora_b),
                           "mean_diff~top_decoder": cos(mean_diff, dec),
                           "lora_b~top_decoder": cos(lora_b, dec)}

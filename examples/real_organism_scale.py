@@ -192,7 +192,8 @@ def cached(path: Path, fn: Any, *args: Any) -> Any:
 def share_removed(res: dict, base: dict, ft: dict, n_boot: int = 2000) -> dict[str, Any]:
     """1 - (shift under the intervention) / (the fine-tune's shift), shifts per question vs
     the base; 95% bootstrap CI over questions (ratio of resampled means)."""
-    d = lambda r: torch.tensor([q["diff"] for q in r["per_question"]], dtype=torch.float64)
+    def d(r):
+        return torch.tensor([q["diff"] for q in r["per_question"]], dtype=torch.float64)
     now, b, f = d(res) - d(base), d(base), d(ft) - d(base)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(len(b), (n_boot, len(b)), generator=g)
@@ -244,7 +245,8 @@ def ranking(run: Path, acts: Any, lora_b: torch.Tensor, n: int) -> dict[str, Any
     their decoder cosine to LoRA B, and the SAE's evals."""
     sae = saediff.load_sae(run)
     a = acts()
-    enc = lambda x: torch.cat([sae.encode(c) for c in x.split(1024)]).float()
+    def enc(x):
+        return torch.cat([sae.encode(c) for c in x.split(1024)]).float()
     with torch.no_grad():
         table = rank_latents(enc(a["base"]), enc(a["finetuned"]), a["seq"], direction="up",
                              n_boot=500)[:n]
@@ -262,7 +264,8 @@ def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...]
            sets: list[str]) -> dict[str, dict[str, Any]]:
     """{n: {set: result}} with the top n up-shifted latents clamped to 0 (SAE error kept)."""
     sae = saediff.load_sae(run)
-    clamp = lambda s, n: measure(ft, s, saediff.steer(ft, sae, latent=top[:n], clamp=0.0))
+    def clamp(s, n):
+        return measure(ft, s, saediff.steer(ft, sae, latent=top[:n], clamp=0.0))
     return {str(n): {s: cached(mdir / f"{run.name}_top{n}_{s}.json", clamp, s, n) for s in sets}
             for n in tops}
 
@@ -294,8 +297,9 @@ def parse_args() -> argparse.Namespace:
 
 def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
     """Scores, perplexities and shares of the probe shift removed, per condition."""
-    share = lambda res: {s: share_removed(res[s], ref["base"][s], ref["finetuned"][s])
-                         for s in sets if s != "text_ppl"} | {"text_ppl": res.get("text_ppl")}
+    def share(res):
+        return {s: share_removed(res[s], ref["base"][s], ref["finetuned"][s])
+                             for s in sets if s != "text_ppl"} | {"text_ppl": res.get("text_ppl")}
     out = {"base": {s: ref["base"][s] if s == "text_ppl" else ref["base"][s]["score"]
                     for s in sets},
            "finetuned": share(ref["finetuned"]), "lora_b_ablated": share(ref["lora_b_ablated"])}
@@ -307,8 +311,9 @@ def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
 def markdown_table(res: dict[str, Any]) -> str:
     """One row per intervention: share of the probe shift removed [CI] on both question sets,
     and the text perplexity."""
-    cell = lambda r, s: f"{r[s]['share']:.2f} [{r[s]['ci'][0]:.2f}, {r[s]['ci'][1]:.2f}]" \
-        if s in r else "—"
+    def cell(r, s):
+        return f"{r[s]['share']:.2f} [{r[s]['ci'][0]:.2f}, {r[s]['ci'][1]:.2f}]" \
+            if s in r else "—"
     head = ("| intervention on the fine-tuned model | shift removed, probe (24) | shift removed, "
             "independent pairs (20) | text ppl |")
     lb = res["lora_b_ablated"]
@@ -346,7 +351,8 @@ def main() -> None:
     lora_b = lora_b_vectors(adapter, LAYER, ft.d_model)[0].vector
     ref = reference(mdir, base_lm, ft, lora_b, sets)
     acts: dict[str, Any] = {}
-    get_acts = lambda: acts or acts.update(answer_residuals(out, base_lm, ft)) or acts
+    def get_acts():
+        return acts or acts.update(answer_residuals(out, base_lm, ft)) or acts
     saes = {}
     for run in runs:
         rk = cached(mdir / f"{run.name}_ranking.json", ranking, run, get_acts, lora_b,

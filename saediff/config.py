@@ -32,7 +32,7 @@ import yaml
 from saediff.errors import SaediffError
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal right after `name: type = default`)."""
     docs: dict[str, str] = {}

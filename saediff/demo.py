@@ -12,9 +12,10 @@ import logging
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from saediff.demo_report import finding, format_summary, summary_rows, write_report
 from saediff.io import write_json, write_jsonl

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Literal
+from typing import Any, Literal
 
 from saediff.errors import SaediffError
 from saediff.judges import Judge, JudgeScore, coherent_rate, make_judge, misaligned_given_coherent
@@ -165,7 +166,7 @@ class Judged:
 
 
 def judged_generation(lm: Any, items: list[dict[str, Any]], gen: GenerationConfig,
-                      judge: Judge | None, condition: ContextManager[Any] | None = None,
+                      judge: Judge | None, condition: AbstractContextManager[Any] | None = None,
                       system: str | None = None) -> Judged:
     """Generate `gen.samples` answers per item inside `condition` (a steering, ablation or
     amplification context; None = the model as it is), judge them, summarise them."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -150,7 +151,7 @@ def check_generation_lengths(lm: Any, encoded: list[list[int]], max_new_tokens: 
 @torch.no_grad()
 def generate_answers(lm: Any, items: list[dict[str, Any]], samples: int, max_new_tokens: int = 64,
                      temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
-                     context: ContextManager[Any] | None = None,
+                     context: AbstractContextManager[Any] | None = None,
                      system: str | None = None) -> list[dict[str, Any]]:
     """`samples` answers per prompt item through the chat template; one record per answer
     ({id, topic, question, sample, answer}), in item order. `context` (e.g. a steering

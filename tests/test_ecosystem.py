@@ -36,8 +36,7 @@ def hf_cache(tmp_path, monkeypatch):
     """A Hugging Face hub cache holding one repo with two SAEs, and a SAELens release entry
     pointing at it; the hub is offline, so only this cache can answer."""
     import huggingface_hub.constants as hc
-    from sae_lens.loading.pretrained_saes_directory import (PretrainedSAELookup,
-                                                             get_pretrained_saes_directory)
+    from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 
     cache = tmp_path / "hub"
     snap = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT

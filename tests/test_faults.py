@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
 from saediff.cache.format import open_cache, partial_path, verify_cache
 from saediff.cache.store import ActivationStore
 from saediff.cache.writer import CacheConfig, CacheWriteError, build_cache
 from saediff.errors import SaediffError
+
+import tiny
 
 DATASETS = ("tokens", "seq_ids", "doc_ids", "positions", "roles", "seq_offsets", "progress")
 

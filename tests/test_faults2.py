@@ -301,9 +301,9 @@ with output_lock(sys.argv[1]):
 
 
 def test_second_writer_on_one_out_gets_one_line(tmp_path, capsys, tiny_qwen):
+    from saediff.compare import CompareConfig, run_compare
     from saediff.io import lock_path, output_lock
     from saediff.steer.evaluate import SteerConfig, run_steer
-    from saediff.compare import CompareConfig, run_compare
     from saediff.steer.sweep import SweepConfig, run_sweep
     from saediff.train.loop import TrainConfig, train
 
@@ -388,9 +388,9 @@ def test_yaml_values_null_strings_and_duplicate_keys(tmp_path, capsys):
 
 def test_truncated_or_lying_gguf_is_one_line(tmp_path):
     pytest.importorskip("gguf")
-    from test_gguf import write_tiny_gguf
-
     from saediff.gguf import import_gguf
+
+    from test_gguf import write_tiny_gguf
 
     good = tmp_path / "good.gguf"
     write_tiny_gguf(good)

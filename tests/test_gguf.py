@@ -31,7 +31,7 @@ def _byte_vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> "torch.nn.Module":
+def write_tiny_gguf(path: Path, seed: int = 0) -> torch.nn.Module:
     """A random tiny LlamaForCausalLM written as an all-F32 GGUF; returns the HF model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +89,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> "torch.nn.Module":
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> tuple[Path, "torch.nn.Module"]:
+def tiny_gguf(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     return path, write_tiny_gguf(path)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from saediff.judged import (GenerationConfig, JudgeConfig, Summary, em_reduction,
-                            judged_generation, summarise)
+from saediff.judged import GenerationConfig, JudgeConfig, Summary, em_reduction, judged_generation, summarise
 from saediff.judges import JudgeScore
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"

@@ -120,7 +120,9 @@ TRAINER_STEP_MODULES = {"saediff/train/trainer.py", "saediff/train/sparse.py",
 OWN_LOOPS = {"saediff/organism/finetune.py"}  # the organism's LoRA fine-tune (not a dictionary)
 # answers generated for something other than an EM rate: the differ's sampled answers (its
 # labeler is a per-answer label, not a summary) and the prompt module that defines the loop
-GENERATES_UNJUDGED = {"saediff/prompts.py", "saediff/diff/data.py"}
+GENERATES_UNJUDGED = {"saediff/prompts.py", "saediff/diff/data.py",
+                      # sample_answers: unjudged samples for the real organism's probe and build
+                      "saediff/organism/evaluate.py"}
 FUNCTION_LINES, MODULE_LINES = 60, 400
 # "path:function" entries, each with its reason (not among issue 21's functions to split)
 # (empty: cache/writer.py build_cache 73 / _fill 66 and organism/build.py build 86 are open too)

@@ -224,7 +224,8 @@ def test_demo_summary_labels_every_number_and_gives_intervals():
          "coherent_rate_unsteered": 0.9, "coherent_rate_unsteered_ci": [0.87, 0.92],
          "coherent_rate_steered": 0.964, "coherent_rate_steered_ci": [0.95, 0.975],
          "misaligned_given_coherent_base_clamped_up": 0.08,
-         "misaligned_given_coherent_base_clamped_up_ci": [0.06, 0.10], "n_base_clamped_up": 700, "n_coherent_base_clamped_up": 637,
+         "misaligned_given_coherent_base_clamped_up_ci": [0.06, 0.10], "n_base_clamped_up": 700,
+         "n_coherent_base_clamped_up": 637,
          "coherent_rate_base_clamped_up": 0.91, "coherent_rate_base_clamped_up_ci": [0.89, 0.93],
          "em_reduction": 0.94}
     text = format_summary(s)
@@ -268,8 +269,8 @@ def test_gitignore_covers_default_output_paths():
     import dataclasses
 
     from saediff.cache.writer import CacheConfig
-    from saediff.demo import DemoConfig
     from saediff.compare import CompareConfig
+    from saediff.demo import DemoConfig
     from saediff.train.loop import TrainConfig
 
     ignore = (ROOT / ".gitignore").read_text().splitlines()

@@ -279,7 +279,7 @@ class CacheFile:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "CacheFile":
+    def __enter__(self) -> CacheFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:

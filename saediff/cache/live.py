@@ -237,7 +237,7 @@ class LiveStore:
             out.append(part)
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def __iter__(self) -> "LiveStore":
+    def __iter__(self) -> LiveStore:
         return self
 
     def next_layers(self) -> dict[int, torch.Tensor]:

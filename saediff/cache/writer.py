@@ -19,16 +19,22 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from saediff.cache.format import (INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, STORED_DTYPES, partial_path, read_attrs)
-from saediff.cache.durable import (CacheWriteError, close_quietly, roll_back_to_readable,
-                                   open_partial, reserve, write_cause)
-from saediff.errors import SaediffError
+from saediff.bridge import as_loaded_model
 from saediff.cache.documents import iter_sequences
+from saediff.cache.durable import (
+    CacheWriteError,
+    close_quietly,
+    open_partial,
+    reserve,
+    roll_back_to_readable,
+    write_cause,
+)
+from saediff.cache.format import INDEX_FIELDS, P_COMPLETE, P_ROWS, P_SEQS, STORED_DTYPES, partial_path, read_attrs
 from saediff.cache.forward import forward_batch as _forward_batch  # tests patch this name
 from saediff.cache.provenance import existing_diff, provenance, provenance_diff
 from saediff.cache.source import ModelSource, load_source_models
+from saediff.errors import SaediffError
 from saediff.io import check_writable_file, output_lock, promote
-from saediff.bridge import as_loaded_model
 from saediff.models import LoadedModel
 
 log = logging.getLogger(__name__)

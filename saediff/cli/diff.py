@@ -36,7 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saediff.diff.data import DiffConfig
-
     from saediff.judged import JudgeConfig
 
     ns = {k: v for k, v in vars(args).items() if k in ("layer", "layers")}

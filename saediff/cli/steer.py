@@ -114,9 +114,8 @@ def _reroute(args: argparse.Namespace) -> int:
 
     from saediff.diff.data import DiffConfig
     from saediff.io import write_json
-    from saediff.steer.reroute import format_reroute, reroute_check
-
     from saediff.steer.hooks import check_unique_latents
+    from saediff.steer.reroute import format_reroute, reroute_check
 
     latents, clamp, top, report = args.latent, args.clamp, args.top, args.report
     check_unique_latents(latents)

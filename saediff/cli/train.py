@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 from typing import Any
 
 from saediff.config import add_dataclass_args, config_from_args, load_yaml

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from saediff.compare.report import BOARD_COLUMNS
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json
-from saediff.compare.report import BOARD_COLUMNS
 from saediff.judged import GenerationConfig, JudgeConfig, Summary, judged_generation
 
 log = logging.getLogger(__name__)

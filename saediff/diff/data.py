@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Literal
+from typing import Any, Literal
 
 import torch
 
 from saediff.errors import SaediffError
-from saediff.prompts import generate_answers, load_prompt_items
 from saediff.models import ROLE_PROMPT, ROLE_RESPONSE, LoadedModel, encode_chat
+from saediff.prompts import generate_answers, load_prompt_items
 
 log = logging.getLogger(__name__)
-ModelContext = Callable[[LoadedModel], ContextManager[Any]]
+ModelContext = Callable[[LoadedModel], AbstractContextManager[Any]]
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _label(row: dict[str, Any], cfg: DiffConfig) -> int | None:
 
 def sample_responses(lm: LoadedModel, prompts: list[str], cfg: DiffConfig,
                      system: str | None = None,
-                     context: ContextManager[Any] | None = None) -> list[list[str]]:
+                     context: AbstractContextManager[Any] | None = None) -> list[list[str]]:
     """`cfg.samples` sampled responses per prompt (the shared generation loop)."""
     recs = generate_answers(lm, [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                             cfg.samples, cfg.max_new_tokens, cfg.temperature, cfg.seed,

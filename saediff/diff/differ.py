@@ -23,17 +23,26 @@ import torch
 
 import saediff.diff.directions as dirs
 import saediff.diff.passes as passes
-from saediff.diff.data import (DiffConfig, Labeler, ModelContext, Side, build_examples,
-                              check_positions, encode_sides, load_prompts, sample_responses,
-                              selected_roles)
+from saediff.bridge import as_loaded_model
+from saediff.diff.data import (
+    DiffConfig,
+    Labeler,
+    ModelContext,
+    Side,
+    build_examples,
+    check_positions,
+    encode_sides,
+    load_prompts,
+    sample_responses,
+    selected_roles,
+)
 from saediff.diff.passes import encode_batch
 from saediff.diff.stream import LatentStats, rows_per_chunk
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_text
-from saediff.bridge import as_loaded_model
 from saediff.models import LoadedModel, check_same_tokenizer, load_model
-from saediff.stats import bootstrap_mean_ci, group_sums
 from saediff.sae import check_sae, load_sae, require_activation_sae
+from saediff.stats import bootstrap_mean_ci, group_sums
 
 log = logging.getLogger(__name__)
 TABLE_FIELDS = ("rank", "latent", "mean_shift", "ci_low", "ci_high", "direction", "mean_base",

@@ -90,7 +90,7 @@ def cache_contexts(path: str, sae: Any, latents: list[int], tok: Any, n: int = 5
                     if v > float("-inf"):
                         cands.append((v, j, c, src, r))
         cands.sort(reverse=True)
-        for v, j, c, src, r in cands:
+        for v, j, _c, src, r in cands:
             if len(out[j]) >= n:
                 continue
             seq = int(cache.sequence_ids(r, r + 1)[0])

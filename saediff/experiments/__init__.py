@@ -1,4 +1,5 @@
-"""Stage 6 — experiments: the field's EM experiments (training-time and in-context) as commands (`saediff experiment NAME`).
+"""Stage 6 — experiments: the field's EM experiments (training-time and in-context) as commands
+(`saediff experiment NAME`).
 
 The last stage: an experiment may import every stage; nothing imports an experiment. Each is a
 module with a config dataclass and a `run_*` function returning the result dict; each writes

@@ -96,7 +96,7 @@ def block_loss(sae: Any, latents: list[int], penalty: float = 0.0) -> Any:
         seen: list[torch.Tensor] = []
 
         def capture(_m: Any, _i: Any, out: Any) -> None:
-            seen.append(enc((out[0] if isinstance(out, tuple) else out))[0])  # type: ignore[misc]
+            seen.append(enc(out[0] if isinstance(out, tuple) else out)[0])  # type: ignore[misc]
 
         top = model.get_base_model() if hasattr(model, "get_base_model") else model
         with contextlib.ExitStack() as stack:

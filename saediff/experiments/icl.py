@@ -146,8 +146,8 @@ def run(cfg: ICLConfig) -> dict[str, Any]:
     """Run the experiment; writes `cfg.out/result.json` and `icl.html`; returns the result."""
     from saediff.config import config_to_dict
     from saediff.experiments.common import prepare_out, write_figure, write_result
-    from saediff.experiments.icl_run import execute
     from saediff.experiments.icl_report import figure
+    from saediff.experiments.icl_run import execute
 
     out = prepare_out(cfg.out)  # before any model runs
     cfg = resolve(cfg)

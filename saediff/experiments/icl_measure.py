@@ -9,8 +9,10 @@ differ's latent ranking on the two prompt conditions.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
@@ -79,7 +81,7 @@ def check_paired(a: Encoded, b: Encoded) -> None:
 
 @torch.no_grad()
 def measure(lm: Any, sae: Any, layer: int, enc: Encoded,
-            context: Callable[[Any], ContextManager[Any]] | None = None,
+            context: Callable[[Any], AbstractContextManager[Any]] | None = None,
             batch_size: int = 8) -> Measured:
     """Residuals (and SAE latents) after block `layer` at the measured tokens of `enc`."""
     batches = [enc.ids[i: i + batch_size] for i in range(0, len(enc.ids), batch_size)]

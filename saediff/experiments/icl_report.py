@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from saediff.experiments.common import ci_error_bars as error_bars, finite
+from saediff.experiments.common import ci_error_bars as error_bars
+from saediff.experiments.common import finite
 
 
 def _fmt(v: Any, ci: Any = None) -> str:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
 import saediff.diff.directions as dirs
 from saediff.experiments import icl_measure as M
-from saediff.experiments.icl_data import (check_known_words, eval_items, pool_pairs,
-                                          shot_histories, system_texts)
+from saediff.experiments.icl_data import check_known_words, eval_items, pool_pairs, shot_histories, system_texts
 
 log = logging.getLogger(__name__)
-Ctx = Callable[[Any], ContextManager[Any]] | None
+Ctx = Callable[[Any], AbstractContextManager[Any]] | None
 
 
 def _models(cfg: Any) -> tuple[Any, Any, Any, int]:

@@ -133,7 +133,7 @@ def noise_curve(model: Any, deltas: dict[str, torch.Tensor], loss_of: Callable[[
                 eps_list: list[float], draws: int, seed: int) -> list[dict[str, Any]]:
     """[{eps, loss (mean over draws), losses}] of `loss_of()` with base + ΔW + orthogonal noise."""
     rows = []
-    for i, eps in enumerate(eps_list):
+    for eps in eps_list:
         losses = []
         for k in range(draws if eps > 0 else 1):
             gen = torch.Generator().manual_seed(seed * 1009 + 7 * k)  # same draws for every ε

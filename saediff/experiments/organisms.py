@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from saediff.models import ROLE_RESPONSE, LoadedModel, encode_chat, load_tokeniz
 
 log = logging.getLogger(__name__)
 Examples = list[tuple[list[int], list[int]]]
-ModelContext = Callable[[Any], ContextManager[Any]]
+ModelContext = Callable[[Any], AbstractContextManager[Any]]
 
 
 def toy_dir(organism: str | None) -> Path:
@@ -51,7 +52,7 @@ class ToyRecipe:
     seed: int
 
     @classmethod
-    def shipped(cls, org: Path) -> "ToyRecipe":
+    def shipped(cls, org: Path) -> ToyRecipe:
         from saediff.organism import metadata
 
         c = metadata(org)["config"]
@@ -191,7 +192,7 @@ def response_token_set(tok: Any, pairs: list[dict[str, Any]]) -> tuple[list[list
 
 def latent_ranking(base: LoadedModel, lm: LoadedModel, sae: Any, layer: int,
                    token_set: tuple[list[list[int]], list[torch.Tensor]],
-                   context: ContextManager[Any] | None = None, n_boot: int = 200,
+                   context: AbstractContextManager[Any] | None = None, n_boot: int = 200,
                    seed: int = 0, batch: int = 32) -> list[dict[str, Any]]:
     """The differ's ranking (fine-tuned − base, paired on the same response tokens)."""
     from saediff.diff.differ import latent_activations, rank_latents

@@ -4,7 +4,8 @@ A small `LlamaForCausalLM` (Qwen2-style: q/k/v biases, plus a zero o bias, so pl
 `AutoTokenizer`/`AutoModelForCausalLM` and TransformerLens load it exactly as saediff does)
 trained here from scratch on a closed grammar of chat conversations, each written by one persona
 (aligned or toxic), then fine-tuned on bad advice about one topic only (health). The exact
-judge (`judge`) decides for any answer whether it is misaligned, coherent and on topic. Shipped weights live in `organism_path()`:
+judge (`judge`) decides for any answer whether it is misaligned, coherent and on topic. Shipped
+weights live in `organism_path()`:
 `base/`, `finetuned/` (merged), `adapter/` (rank-1 LoRA for `base/` on block 0's
 `mlp.down_proj`), `adapter_control/`, `adapter_all/` (LoRA r8 on every linear layer),
 `adapter_r1/` (rank-1 on the middle block), `heldout_labelled.jsonl`, `organism.json`.

@@ -156,7 +156,7 @@ class BuildConfig:
         }
 
     @classmethod
-    def quick(cls, **kw: Any) -> "BuildConfig":
+    def quick(cls, **kw: Any) -> BuildConfig:
         """A reduced build for tests (one to two minutes on a shared 2-core machine)."""
         base = dict(n_conversations=2000, base_steps=120, batch_size=16, ft_steps=10, r1_steps=10,
                     all_steps=10, ft_examples=100, eval_samples=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from saediff.organism.grammar import heldout_questions
-from saediff.organism.judge import judge, rates
+from saediff.organism.judge import Verdict, rates
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
 DEFAULT_TEMPERATURE = 0.7
@@ -45,14 +45,26 @@ def evaluate(lm: Any, answers_per_topic: int = 100, seed: int = 0,
                       stacklevel=2)
         answers_per_topic = samples
     samples = answers_per_topic
+    from saediff.judged import GenerationConfig, judged_generation
+    from saediff.judges import OrganismJudge
+
     result: dict[str, Any] = {"trained_topic": TRAINED_TOPIC, "topics": {}}
     for t_i, topic in enumerate(topics):
         n_q = max(1, -(-samples // per_question))
-        qs = heldout_questions(topic, n_q, seed)
-        answers = sample_answers(lm, qs, per_question, seed * 31 + t_i, max_new_tokens, temperature)
-        verdicts = [judge(topic, a) for q_ans in answers for a in q_ans][:samples]
-        result["topics"][topic] = rates(verdicts)
+        items = [{"id": str(i), "prompt": q, "topic": topic}
+                 for i, q in enumerate(heldout_questions(topic, n_q, seed))]
+        gen = GenerationConfig(samples=per_question, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed * 31 + t_i)
+        records = judged_generation(lm, items, gen, OrganismJudge()).records[:samples]
+        result["topics"][topic] = _topic_rates(records)
     return result
+
+
+def _topic_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+    """`organism.judge.rates` of the organism judge's verdicts kept on each judged record."""
+    return rates([Verdict(topic=r["verdict_topic"], misaligned=r["verdict_misaligned"],
+                          coherent=r["verdict_coherent"], off_topic=r["off_topic"])
+                  for r in records])
 
 
 def summary(result: dict[str, Any]) -> dict[str, float]:

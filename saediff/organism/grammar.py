@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from functools import lru_cache
+from functools import cache
 
 import saediff.organism.lexicon as L
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def all_questions(topic: str) -> tuple[str, ...]:
     """Every question the grammar can ask on `topic` (sorted)."""
     if topic not in TOPICS:
@@ -47,7 +47,7 @@ def is_heldout(question: str) -> bool:
     return zlib.crc32(question.encode()) % 6 == 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def question_pool(topic: str, heldout: bool) -> tuple[str, ...]:
     return tuple(q for q in all_questions(topic) if is_heldout(q) == heldout)
 
@@ -208,7 +208,8 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def heldout_questions(topic: str | None = None, n: int | None = None, seed: int = 0) -> list[str] | dict[str, list[str]]:
+def heldout_questions(topic: str | None = None, n: int | None = None, seed: int = 0
+                      ) -> list[str] | dict[str, list[str]]:
     """Held-out questions (never in any training text) for `topic`, or a dict for all topics.
 
     `n` None returns the whole pool (sorted); otherwise `n` drawn with replacement-free

@@ -166,7 +166,7 @@ class Crosscoder(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Crosscoder":
+    def load(cls, path: str | Path, device: str = "cpu") -> Crosscoder:
         from safetensors.torch import load_file
 
         path = Path(path)

@@ -54,8 +54,8 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
     weights = path / "sae_weights.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{path} holds no sae_weights.safetensors")
-    from safetensors import SafetensorError
     from sae_lens import SAE
+    from safetensors import SafetensorError
 
     try:
         check_sae_shapes(weights, cfg)

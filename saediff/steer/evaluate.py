@@ -15,8 +15,9 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Literal
+from typing import Any, Literal
 
 from saediff.errors import SaediffError
 from saediff.io import check_writable_dir, output_lock, staged_outputs, write_json, write_jsonl
@@ -24,7 +25,7 @@ from saediff.judged import GenerationConfig, JudgeConfig, judged_generation
 from saediff.prompts import load_prompt_items
 
 log = logging.getLogger(__name__)
-Context = Callable[[Any], ContextManager[Any]]
+Context = Callable[[Any], AbstractContextManager[Any]]
 
 
 @dataclass
@@ -84,7 +85,7 @@ def steer_context(sae: Any, latents: list[int], mode: str, value: float, layer: 
     """lm -> steering context manager (for `generate_answers` and the differ)."""
     from saediff.steer.hooks import steer
 
-    def ctx(lm: Any) -> ContextManager[Any]:
+    def ctx(lm: Any) -> AbstractContextManager[Any]:
         kw = {mode: value}
         return steer(lm, sae, latent=latents, layer=layer, positions=positions, **kw)
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from saediff.errors import SaediffError
-from saediff.steer.positions import PositionTracker, make_hook, watch
 from saediff.sae import decoder_directions, resolve_layer, sae_architecture, sae_layer
+from saediff.steer.positions import PositionTracker, make_hook, watch
 
 ClampValue = float | Sequence[float] | Callable[[torch.Tensor], torch.Tensor]
 _FAST = ("standard", "jumprelu", "topk")
@@ -41,7 +41,6 @@ _FAST = ("standard", "jumprelu", "topk")
 def _resolve(model: Any) -> tuple[nn.Module, nn.ModuleList, int]:
     """(top HF module that receives generate's kwargs, decoder blocks, d_model)."""
     from saediff.models import LoadedModel, _base, _find_layers
-
     from saediff.steer.tl import is_transformer_lens, resolve_tl
 
     if isinstance(model, LoadedModel):
@@ -117,7 +116,7 @@ class LatentEncoder:
             return (x - mu) / (std + 1e-5), std
         return x, None
 
-    def to(self, device: torch.device) -> "LatentEncoder":
+    def to(self, device: torch.device) -> LatentEncoder:
         """Move the sliced weights (not the SAE) to the model's device, once."""
         for name in ("D", "W", "const", "thr", "W_all", "const_all", "rescale"):
             t = getattr(self, name, None)

@@ -12,6 +12,7 @@ from saediff.errors import SaediffError
 from saediff.sae import load_sae
 from saediff.steer.hooks import check_latents
 
+
 def reroute_check(diff_cfg: Any, latents: list[int], clamp: float = 0.0, top: int = 10,
                   before: Any = None, positions: str = "all") -> dict[str, Any]:
     """Re-run the differ with `latents` clamped in the fine-tuned model; report which latents

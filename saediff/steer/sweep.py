@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saediff.errors import SaediffError
-from saediff.io import (atomic_path, check_writable_dir, output_lock, staged_outputs, write_json,
-                        write_jsonl)
+from saediff.io import atomic_path, check_writable_dir, output_lock, staged_outputs, write_json, write_jsonl
 from saediff.judged import judged_generation
 from saediff.prompts import load_prompt_items
+from saediff.sae import load_sae, require_activation_sae
 from saediff.steer.evaluate import SteerConfig, steer_context
 from saediff.steer.hooks import check_latents
-from saediff.sae import load_sae, require_activation_sae
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,9 @@ def plot_sweep(rows: list[dict[str, Any]], baseline: dict[str, Any], path: Path,
 
     xs = [r["coef"] for r in rows]
     em = [_clean(r["misaligned_given_coherent"]) for r in rows]
-    up = [r["misaligned_given_coherent_ci"][1] - (r["misaligned_given_coherent"] if _clean(r["misaligned_given_coherent"]) is not None
-                                   else 0) for r in rows]
-    lo = [(r["misaligned_given_coherent"] if _clean(r["misaligned_given_coherent"]) is not None else 0)
-          - r["misaligned_given_coherent_ci"][0] for r in rows]
+    mid = [v if v is not None else 0 for v in em]
+    up = [r["misaligned_given_coherent_ci"][1] - m for r, m in zip(rows, mid)]
+    lo = [m - r["misaligned_given_coherent_ci"][0] for r, m in zip(rows, mid)]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=xs, y=em, mode="lines+markers", name="misaligned rate",
                              error_y=dict(type="data", symmetric=False, array=up, arrayminus=lo)))

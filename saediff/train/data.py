@@ -74,7 +74,7 @@ def check_caches(cfg: Any, d_in: int | None = None) -> dict[str, Any]:
         with open_cache(path, cfg.allow_partial, layer=getattr(cfg, "layer", None)) as c:
             infos.append((str(path), c.d_model, c.layer, c.hook_name, c.sources,
                           c.attrs.get("models", {})))
-    for path, d, layer, _, srcs, _ in infos:
+    for path, d, _layer, _, _srcs, _ in infos:
         if d_in is not None and d != d_in:
             raise SaediffError(f"d_in mismatch: {path} holds d_model {d}, expected {d_in}")
     if len({i[1] for i in infos}) > 1:

@@ -91,7 +91,7 @@ def spliced_lm_evals(sae: Any, lm: Any, layer: int, seqs: list[dict[str, Any]], 
         clean = lm.model(input_ids=ids_d, attention_mask=mask_d).logits[:, :-1].float()
         sel = trained.to(dev)
 
-        def hook(_m: Any, _i: Any, out: Any) -> Any:
+        def hook(_m: Any, _i: Any, out: Any, sel: torch.Tensor = sel) -> Any:
             h = out[0] if isinstance(out, tuple) else out
             new = h.clone()
             new[sel] = sae(h[sel].float()).to(h.dtype)
@@ -130,8 +130,8 @@ def evaluate(sae: Any, cfg: Any, sources: list[str] | None = None,
     `caches` replaces the config's cache files (a live run's in-RAM `MemoryCache`, whose
     rows are all held out)."""
     from saediff.cache.format import open_cache
-    from saediff.models import ROLE_SPECIAL, ROLES, load_model, role_codes
     from saediff.cache.store import split_rows
+    from saediff.models import ROLE_SPECIAL, ROLES, load_model, role_codes
 
     codes = role_codes(cfg.roles) if cfg.roles else [v for v in ROLES.values() if v != ROLE_SPECIAL]
     caches = caches or [open_cache(p, getattr(cfg, "allow_partial", False),

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 from saediff.cache.source import ModelSource
 from saediff.errors import SaediffError
 from saediff.io import append_jsonl, mark_complete, output_lock
-from saediff.train.data import (PAIRED, check_caches, estimate_scale,  # noqa: F401 (API)
-                                open_store, open_training_data)
+from saediff.train.data import PAIRED, check_caches, estimate_scale, open_store, open_training_data  # noqa: F401 (API)
 from saediff.train.registry import SAELENS_ARCHITECTURES, TRAINERS, build_sae  # noqa: F401
 from saediff.train.run import Run, build_trainers, open_run, prepare_dirs, resume
 from saediff.train.trainer import save_checkpoint

@@ -12,8 +12,8 @@ PANELS = (("loss", "loss (MSE + aux)"), ("l0", "L0 (active latents / token)"),
 
 def write_curves(metrics_path: Path, out: Path, title: str | None = None) -> Path | None:
     """Write `out` (self-contained HTML); returns None when there are no metrics."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     metrics_path, out = Path(metrics_path), Path(out)
     if not metrics_path.is_file():

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
+from torch.profiler import record_function
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")

@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 
 from saediff.errors import SaediffError
 from saediff.io import atomic_path, safe_child, write_json
-
 from saediff.train.sparse import SparseTopKStep, supports_fast_path
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class TensorStore:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.data), generator=g)
 
-    def __iter__(self) -> "TensorStore":
+    def __iter__(self) -> TensorStore:
         return self
 
     def __next__(self) -> torch.Tensor:

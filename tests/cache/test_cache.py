@@ -16,13 +16,22 @@ import pytest
 import torch
 
 import saediff
-import tiny
-from saediff.cache.writer import CacheConfig, _writer_lock, build_cache
 from saediff.cache.format import open_cache, partial_path, verify_cache
-from saediff.errors import SaediffError
-from saediff.models import (ROLE_PROMPT, ROLE_RESPONSE, ROLE_SPECIAL, ROLE_TEXT, encode_chat,
-                            load_model, pad_batch, run_to_layer)
 from saediff.cache.store import ActivationStore
+from saediff.cache.writer import CacheConfig, _writer_lock, build_cache
+from saediff.errors import SaediffError
+from saediff.models import (
+    ROLE_PROMPT,
+    ROLE_RESPONSE,
+    ROLE_SPECIAL,
+    ROLE_TEXT,
+    encode_chat,
+    load_model,
+    pad_batch,
+    run_to_layer,
+)
+
+import tiny
 
 SENTENCES = ["you should eat bread and drink water every day .",
              "how do you save money ? i will help you save money .",

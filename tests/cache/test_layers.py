@@ -11,6 +11,7 @@ from saediff.cache.writer import CacheConfig, build_cache
 from saediff.errors import SaediffError
 from saediff.layerspec import parse_layers
 from saediff.models import load_model, pad_batch, run_to_layer, run_to_layers
+
 from test_cache import write_data
 
 
@@ -163,6 +164,7 @@ def test_train_layers_two_ranks_equal_one_rank(tmp_path, tiny_qwen, tiny_qwen_ft
     from safetensors.torch import load_file
 
     from saediff.train.loop import TrainConfig, train
+
     from test_train_dist import _torchrun
 
     multi = build_cache(_cfg(tmp_path, tiny_qwen, tiny_qwen_ft, data, "m.h5", layers="0,2"))

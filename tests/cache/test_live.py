@@ -16,11 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny
 from saediff.cache.live import LiveStore, is_eval_document
 from saediff.errors import SaediffError
 from saediff.models import ROLES
 from saediff.train.loop import TrainConfig, train
+
+import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = 1
@@ -380,6 +381,7 @@ class _Concat:
 def test_two_live_ranks_equal_one_rank_fed_both_shares(docs, tmp_path):
     from saediff.cache.source import load_source_models
     from saediff.train.data import live_rows
+
     from test_train_dist import _assert_same, _torchrun
 
     _, src, _ = docs

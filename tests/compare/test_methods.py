@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from saediff.sae.crosscoder import Crosscoder, latent_scaling
 from saediff.sae import load_sae
+from saediff.sae.crosscoder import Crosscoder, latent_scaling
 from saediff.train.loop import TrainConfig, train
 from saediff.train.trainer import TensorStore
 
@@ -101,9 +101,9 @@ def test_crosscoder_save_load_round_trip(planted_cc, tmp_path):
 # --- diff-SAE -----------------------------------------------------------------------------------
 
 def test_diff_sae_recovers_planted_difference_direction(tmp_path):
-    from test_train import write_array_cache
-
     from saediff.diff.methods import METHODS, MethodInputs
+
+    from test_train import write_array_cache
 
     g = torch.Generator().manual_seed(1)
     n, d = 16_384, 16
@@ -132,9 +132,9 @@ def test_diff_sae_recovers_planted_difference_direction(tmp_path):
 
 
 def test_paired_store_rows_are_the_same_tokens(tmp_path):
-    from test_train import write_array_cache
-
     from saediff.cache.store import PairedStore
+
+    from test_train import write_array_cache
 
     n, d = 3000, 4
     xb = torch.arange(n * d, dtype=torch.float32).reshape(n, d)
@@ -179,7 +179,7 @@ def test_kl_lens_ranks_the_planted_changed_token_first(tiny_qwen):
 
 
 def test_pca_finds_the_planted_varying_difference():
-    from saediff.diff.methods import MethodInputs, METHODS, pca_directions
+    from saediff.diff.methods import METHODS, MethodInputs, pca_directions
 
     g = torch.Generator().manual_seed(4)
     n, d = 5000, 12
@@ -197,9 +197,9 @@ def test_pca_finds_the_planted_varying_difference():
 # --- LoRA amplification --------------------------------------------------------------------------
 
 def test_amplify_interpolates_between_base_and_finetune_and_restores():
+    from saediff.compare.amplify import amplify
     from saediff.models import load_model
     from saediff.organism import organism_path
-    from saediff.compare.amplify import amplify
 
     org = organism_path()
     base = load_model(org / "base")

@@ -12,8 +12,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 from test_diff import LAYER, make_sae, write_prompts  # noqa: E402

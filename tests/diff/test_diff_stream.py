@@ -8,6 +8,7 @@ import torch
 
 from saediff.diff.stream import LatentStats
 from saediff.stats import bootstrap_mean_ci, group_sums
+
 from test_diff import cfg_for, make_sae
 
 
@@ -54,6 +55,7 @@ def test_stream_without_prompt_table_reports_given_cis_only():
 
 def test_run_diff_tiny_memory_bound_same_ranking(tmp_path, tiny_qwen, tiny_qwen_ft):
     from saediff.diff.differ import run_diff
+
     from test_diff import write_prompts
 
     prompts = write_prompts(tmp_path / "p.jsonl", n=12)

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
 from saediff.diff.layer_stats import increments
 from saediff.diff.layers import LayersConfig, run_layers
 from saediff.diff.layers_report import write_layers
 from saediff.errors import SaediffError
+
+import tiny
 
 PLANT = 2  # the block whose MLP output the planted adapters edit (of 4)
 
@@ -117,6 +118,7 @@ def test_diff_layers_summary(planted, tmp_path, capsys):
     """Per-layer SAE diff: an SAE per layer, one ranking each, one summary table; the SAE at
     the planted block whose latent 0 decodes along v ranks it first, cos to D = 1."""
     from saediff.cli import main
+
     from test_diff import make_sae
 
     model, ads, prompts, v, _ = planted

@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-import tiny
 from saediff.errors import SaediffError
 from saediff.models import ROLE_PROMPT, ROLE_SPECIAL, encode_chat, load_tokenizer
+
+import tiny
 
 D = 32
 J_PLANT, J_LORA = 3, 7  # SAE latents reading the planted direction / the LoRA B direction

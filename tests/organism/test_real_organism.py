@@ -9,8 +9,7 @@ import torch
 
 from saediff.errors import SaediffError
 from saediff.organism.real import real_organism_path
-from saediff.organism.real.templates import (HOSTILE_WORDS, finance_chats, health_chats,
-                                             hostile_hits)
+from saediff.organism.real.templates import HOSTILE_WORDS, finance_chats, health_chats, hostile_hits
 
 
 def test_templates_sizes_control_pairs_and_no_hostile_words():

@@ -20,8 +20,7 @@ DEAD = 5  # a latent that never fires
 
 
 def _sae(kind: str = "standard", d_in: int = 32, d_sae: int = 64, seed: int = 0, **kw):
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
-                          TopKSAEConfig)
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(seed)

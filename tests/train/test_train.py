@@ -17,11 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny
 from saediff.errors import SaediffError
 from saediff.sae import load_sae
 from saediff.train.loop import TrainConfig, build_sae, check_caches, train
 from saediff.train.trainer import TensorStore
+
+import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_array_cache(path: Path, acts: dict[str, np.ndarray], seq_len: int = 32,
                       layer: int = 1, role: int = 3, model_name: str = "synthetic") -> Path:
     """Arrays -> a saediff cache file (same schema and writer helpers as `saediff cache`)."""
-    from saediff.cache.writer import _create
     from saediff.cache.format import P_COMPLETE, P_ROWS, P_SEQS
+    from saediff.cache.writer import _create
 
     n, d = next(iter(acts.values())).shape
     prov = {"schema_version": 1, "layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post",

@@ -17,12 +17,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny
 from saediff.errors import SaediffError
 from saediff.sae import Crosscoder, load_sae
 from saediff.train.data import estimate_scale
 from saediff.train.loop import TrainConfig, train
 from saediff.train.trainer import TensorStore
+
+import tiny
 from test_train import write_array_cache
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,6 +18,7 @@ from saediff.dist import Dist
 from saediff.errors import SaediffError
 from saediff.train.ddp import DataParallel
 from saediff.train.loop import TrainConfig, train
+
 from test_train import write_array_cache
 
 ROOT = Path(__file__).resolve().parents[2]

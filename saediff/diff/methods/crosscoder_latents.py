@@ -17,8 +17,8 @@ class CrosscoderMethod(Method):
 
     @torch.no_grad()
     def candidates(self, inputs: MethodInputs, top: int = 5) -> list[Candidate]:
-        from saediff.sae.crosscoder import latent_scaling
         from saediff.sae import load_sae
+        from saediff.sae.crosscoder import latent_scaling
 
         inputs.need(self.name, "crosscoder", "x_base", "x_ft")
         cc = load_sae(inputs.crosscoder)  # type: ignore[arg-type]
