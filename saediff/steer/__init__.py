@@ -1,7 +1,8 @@
 """Stage 4 — steer: clamp / add / ablate a latent or direction during generation.
 
 `hooks` holds `steer` (the context manager, also `saediff.steer`), `evaluate` generates + judges
-under steering (`run_steer`), `sweep` scans coefficients and runs the causal checks.
+under steering (`run_steer`, through `saediff.judged`), `sweep` scans coefficients, `reroute`
+checks whether a clamped latent's shift moves to other latents.
 
 The exports load on first use (torch): `import saediff` stays cheap.
 """

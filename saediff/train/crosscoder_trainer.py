@@ -25,6 +25,7 @@ from saediff.dist import Dist
 from saediff.errors import SaediffError
 from saediff.io import staged_outputs, write_json
 from saediff.sae.crosscoder import Crosscoder, CrosscoderCfg
+from saediff.train.metrics import step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,8 @@ class CrosscoderTrainer:
     def maybe_reset_sparsity(self) -> dict[str, Any]:
         return {}  # no running sparsity statistics to reset
 
-    @torch.no_grad()
     def metrics(self, out: dict[str, Any], step: int) -> dict[str, Any]:
-        x, x_hat = out["sae_in"], out["sae_out"]
-        den = (x - x.mean(0)).pow(2).sum().item()
-        return {"step": step, "tokens": self.n_training_samples,
-                "loss": float(out["loss"]), "mse_loss": float(out["mse_loss"]),
-                "aux_loss": float(out["aux_loss"]), "l0": float(out["l0"]),
-                "fvu_batch": (x - x_hat).pow(2).sum().item() / den if den else None,
-                "dead_frac": self.dead_neurons.float().mean().item(),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return step_metrics(self, out, step)
 
     # -- state (safetensors + JSON) -------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

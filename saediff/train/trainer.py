@@ -28,6 +28,7 @@ from torch.profiler import record_function
 
 from saediff.errors import SaediffError
 from saediff.io import atomic_path, safe_child, write_json
+from saediff.train.metrics import step_metrics
 from saediff.train.sparse import SparseTopKStep, supports_fast_path
 
 log = logging.getLogger(__name__)
@@ -130,16 +131,8 @@ class FastSAETrainer(SAETrainer):
             self._reset_running_sparsity_stats()
         return {}
 
-    @torch.no_grad()
     def metrics(self, out: dict[str, Any], step: int) -> dict[str, Any]:
-        x, x_hat = out["sae_in"], out["sae_out"]
-        den = (x - x.mean(0)).pow(2).sum().item()
-        return {"step": step, "tokens": self.n_training_samples,
-                "loss": float(out["loss"]), "mse_loss": float(out["mse_loss"]),
-                "aux_loss": float(out["aux_loss"]), "l0": float(out["l0"]),
-                "fvu_batch": (x - x_hat).pow(2).sum().item() / den if den else None,
-                "dead_frac": self.dead_neurons.float().mean().item(),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return step_metrics(self, out, step)
 
     # -- the run directory ----------------------------------------------------------------------
     def save_final(self, run_dir: Path) -> None:
