@@ -88,3 +88,38 @@ def write_chat_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
             fh.write(json.dumps({"p": " ".join(rng.choice(words, 6)),
                                  "r": " ".join(rng.choice(words, 10))}) + "\n")
     return path
+
+
+def kill_train_mid_run(cfg: dict, tmp_path: Path, final: str, step: int, timeout: float = 120,
+                       poll: float = 0.05, settle: float = 0.3):
+    """Run `saediff train` on `cfg` (written as YAML) in a subprocess and SIGKILL it once its
+    latest checkpoint reaches `step`, `settle` s later (to land mid-step / mid-checkpoint);
+    asserts it had not written `final` yet. Returns (the run dir, rerun() -> exit code of the
+    same command, which resumes)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text(yaml.safe_dump(cfg))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "saediff", "train", "--config", str(yml), "--no-evals",
+           "--out", str(killed)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            break
+        time.sleep(poll)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / final).exists(), "run finished before the kill"
+    return killed, lambda: subprocess.run(cmd, env=env).returncode

@@ -3,11 +3,6 @@ bad input before any forward, in-RAM evals, crosscoder, the mixing buffer's boun
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,22 +180,10 @@ def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
     cfg = {**src, "live": True, "d_sae": 64, "k": 4, "total_tokens": 100 * 64, "batch_size": 64,
            "buffer_tokens": 500, "checkpoint_every": 10, "eval_sequences": 0, "norm_batches": 2,
            "dead_feature_window": 20, "threads": 1}
-    yml = tmp_path / "cfg.yaml"
-    yml.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "saediff", "train", "--config", str(yml), "--no-evals"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stderr=subprocess.DEVNULL)
+    # a loaded machine: model load + first chunk can take minutes
+    killed, rerun = tiny.kill_train_mid_run(cfg, tmp_path, "sae_weights.safetensors", 30,
+                                            timeout=600, poll=0.02, settle=0.1)
     latest = killed / "checkpoints" / "latest.json"
-    deadline = time.time() + 600  # a loaded machine: model load + first chunk can take minutes
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 30:
-            break
-        time.sleep(0.02)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "sae_weights.safetensors").exists(), "run finished before the kill"
     st = json.loads((killed / "checkpoints" / json.loads(latest.read_text())["dir"]
                      / "state.json").read_text())["store"]
     assert st["gen"] >= 2 and st["from"] != [0, 0, 0]  # resumes mid-stream, not from 0
@@ -209,7 +192,7 @@ def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["rng.safetensors", "sae0.json",
                                                     "sae0.safetensors", "state.json"]
     assert (ck / "state.json").stat().st_size < 3000
-    assert subprocess.run(cmd + ["--out", str(killed)], env=env).returncode == 0
+    assert rerun() == 0
     whole = tmp_path / "whole"
     train(TrainConfig(**cfg, out=str(whole)), evals=False)
     a = load_file(killed / "sae_weights.safetensors")

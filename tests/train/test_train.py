@@ -4,17 +4,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from saediff.errors import SaediffError
@@ -141,23 +135,8 @@ def test_resume_after_sigkill_is_bitwise_identical(synth, tmp_path):
     cfg = {"cache": [str(path)], "d_sae": 64, "k": 4, "total_tokens": 500 * 256,
            "batch_size": 256, "checkpoint_every": 25, "eval_sequences": 0, "eval_rows": 2000,
            "buffer_rows": 4096, "norm_batches": 2, "dead_feature_window": 20, "threads": 1}
-    yml = tmp_path / "cfg.yaml"
-    yml.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "saediff", "train", "--config", str(yml), "--no-evals"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 50:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)                                   # land somewhere mid-step / mid-checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "sae_weights.safetensors").exists(), "run finished before the kill"
-    assert subprocess.run(cmd + ["--out", str(killed)], env=env).returncode == 0
+    killed, rerun = tiny.kill_train_mid_run(cfg, tmp_path, "sae_weights.safetensors", 50)
+    assert rerun() == 0
     whole = tmp_path / "whole"                       # same config, uninterrupted, in-process
     train(TrainConfig(**cfg, out=str(whole)), evals=False)
     a = load_file(killed / "sae_weights.safetensors")

@@ -3,18 +3,12 @@ sweeps, --live --layers, and no second loop in the package."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from saediff.errors import SaediffError
@@ -72,23 +66,8 @@ def test_crosscoder_resume_after_sigkill_is_bitwise_identical(paired_cache, tmp_
            "total_tokens": 150 * 128, "batch_size": 128, "checkpoint_every": 25,
            "eval_rows": 512, "buffer_rows": 2048, "norm_batches": 2, "dead_feature_window": 10,
            "threads": 1, "lr": 3e-3}
-    yml = tmp_path / "cfg.yaml"
-    yml.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "saediff", "train", "--config", str(yml), "--no-evals"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 50:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)                                   # land somewhere mid-step / mid-checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "crosscoder.safetensors").exists(), "run finished before the kill"
-    assert subprocess.run(cmd + ["--out", str(killed)], env=env).returncode == 0
+    killed, rerun = tiny.kill_train_mid_run(cfg, tmp_path, "crosscoder.safetensors", 50)
+    assert rerun() == 0
     whole = tmp_path / "whole"                        # same config, uninterrupted, in-process
     train(TrainConfig(**cfg, out=str(whole)), evals=False)
     _same_weights(killed, whole)
