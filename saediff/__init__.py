@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from saediff.lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 for _stage in ("cache", "steer", "train"):  # the subpackages first: see the module docstring
@@ -76,10 +78,7 @@ def steer(model: Any, sae: Any = None, latent: Any = None, **kwargs: Any
     return steer_(model, sae, latent, **kwargs)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'saediff' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = ["cache", "train", "steer", *_EXPORTS, "__version__"]

@@ -7,8 +7,7 @@ The exports load on first use (h5py, torch): `import saediff` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from saediff.lazy import lazy_getattr
 
 _EXPORTS = {
     "CacheConfig": "saediff.cache.writer", "build_cache": "saediff.cache.writer",
@@ -17,10 +16,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'saediff.cache' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

@@ -14,10 +14,10 @@ Importing this package is cheap: no torch until a model function is called.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
+from saediff.lazy import lazy_getattr
 from saediff.organism.judge import Label, Verdict, judge, rates
 from saediff.organism.lexicon import TOPICS, TRAINED_TOPIC
 
@@ -55,10 +55,7 @@ def load_heldout_labelled(path: str | Path | None = None) -> list[dict[str, Any]
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'saediff.organism' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["TOPICS", "TRAINED_TOPIC", "Label", "Verdict", "judge", "rates", "organism_path",

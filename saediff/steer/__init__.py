@@ -8,17 +8,13 @@ The exports load on first use (torch): `import saediff` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from saediff.lazy import lazy_getattr
 
 _EXPORTS = {"steer": "saediff.steer.hooks", "run_steer": "saediff.steer.evaluate",
             "SteerConfig": "saediff.steer.evaluate"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'saediff.steer' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

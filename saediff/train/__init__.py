@@ -9,17 +9,13 @@ The exports load on first use (sae_lens, torch): `import saediff` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from saediff.lazy import lazy_getattr
 
 _EXPORTS = {"TrainConfig": "saediff.train.loop", "build_sae": "saediff.train.loop",
             "train": "saediff.train.loop"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'saediff.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

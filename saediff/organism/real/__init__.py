@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from saediff.errors import SaediffError
+from saediff.lazy import lazy_getattr
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,10 +72,7 @@ def real_metadata(path: str | Path | None = None) -> dict[str, Any]:
     return json.loads(f.read_text())
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'saediff.organism.real' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["real_organism_path", "real_base_path", "real_gguf_path", "real_metadata", *_LAZY]
