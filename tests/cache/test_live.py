@@ -182,7 +182,7 @@ def test_live_resume_after_sigkill_is_bitwise_identical(docs, tmp_path):
            "dead_feature_window": 20, "threads": 1}
     # a loaded machine: model load + first chunk can take minutes
     killed, rerun = tiny.kill_train_mid_run(cfg, tmp_path, "sae_weights.safetensors", 30,
-                                            timeout=600, poll=0.02, settle=0.1)
+                                            timeout=600)
     latest = killed / "checkpoints" / "latest.json"
     st = json.loads((killed / "checkpoints" / json.loads(latest.read_text())["dir"]
                      / "state.json").read_text())["store"]

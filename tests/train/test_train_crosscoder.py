@@ -63,7 +63,7 @@ def test_crosscoder_resume_after_sigkill_is_bitwise_identical(paired_cache, tmp_
     """`saediff train` of a crosscoder killed mid-run, rerun: the same weights (threshold,
     dead-latent counters, Adam state and store position all restored) and the same log."""
     cfg = {"cache": [str(paired_cache)], "architecture": "crosscoder", "d_sae": 32, "k": 2,
-           "total_tokens": 150 * 128, "batch_size": 128, "checkpoint_every": 25,
+           "total_tokens": 600 * 128, "batch_size": 128, "checkpoint_every": 25,
            "eval_rows": 512, "buffer_rows": 2048, "norm_batches": 2, "dead_feature_window": 10,
            "threads": 1, "lr": 3e-3}
     killed, rerun = tiny.kill_train_mid_run(cfg, tmp_path, "crosscoder.safetensors", 50)
@@ -74,7 +74,7 @@ def test_crosscoder_resume_after_sigkill_is_bitwise_identical(paired_cache, tmp_
     assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
     assert isinstance(load_sae(killed), Crosscoder)
     lines = [json.loads(ln) for ln in (whole / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 150 and lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["step"] == 600 and lines[-1]["loss"] < lines[0]["loss"]
 
 
 def test_crosscoder_stopped_and_resumed_equals_whole(tmp_path):
