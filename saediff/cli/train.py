@@ -10,7 +10,7 @@ from saediff.errors import SaediffError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from saediff.train.loop import TrainConfig
+    from saediff.train.config import TrainConfig
 
     p = sub.add_parser(
         "train", help="train SAEs on a cache, or --live straight from the model(s)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from saediff.lazy import lazy_getattr
 
-_EXPORTS = {"TrainConfig": "saediff.train.loop", "build_sae": "saediff.train.loop",
+_EXPORTS = {"TrainConfig": "saediff.train.config", "build_sae": "saediff.train.loop",
             "train": "saediff.train.loop"}
 
 
