@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for row in res["conditions"]:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))
-                          or k in ("em", "probe", "coherent")}, default=str))
+                          or k in ("misaligned_given_coherent", "probe", "coherent_rate")}, default=str))
     print(f"result: {cfg.out}/result.json  plot: {cfg.out}/plot.html")
     return 0

@@ -30,6 +30,7 @@ from saediff.experiments import common
 from saediff.experiments import organisms as O
 
 log = logging.getLogger(__name__)
+EM = "misaligned_given_coherent"  # docs/metrics.md; a condition suffix per column
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _run(cfg: BlockEMConfig, env: dict[str, Any], name: str, latents: list[int],
         ckpts.append({"step": step + 1, "train_loss": loss,
                       **_measure(cfg, env, model, latents, watch, f"{name} step {step + 1}")})
         log.info("%s step %d: EM on %.3f off %.3f", name, step + 1,
-                 ckpts[-1]["em_block_on"]["rate"], ckpts[-1]["em_block_off"]["rate"])
+                 ckpts[-1][f"{EM}_block_on"]["rate"], ckpts[-1][f"{EM}_block_off"]["rate"])
 
     O.toy_train(model, env["train"], env["recipe"], steps=cfg.steps, lr=cfg.lr,
                 seed=cfg.seed + 2, loss_fn=loss_fn, on_step=on_step)
@@ -223,8 +224,9 @@ def _measure(cfg: BlockEMConfig, env: dict[str, Any], model: Any, latents: list[
         d = decoder_directions(sae, [r["latent"]])[0]
         r_cos = [cos_abs(d, dj) for dj in dec] if dec is not None else []
         r.update(cos_to_blocked=r_cos, cos_to_b=cos_abs(d, b))
-    return {"em_block_on": on["em"], "em_block_off": off["em"], "coherent_block_on": on["coherent"],
-            "coherent_block_off": off["coherent"], "heldout_loss_block_on": loss_on,
+    return {f"{EM}_block_on": on[EM], f"{EM}_block_off": off[EM],
+            "coherent_rate_block_on": on["coherent_rate"],
+            "coherent_rate_block_off": off["coherent_rate"], "heldout_loss_block_on": loss_on,
             "b_norm": float(b.norm()),
             "b_cos_blocked": [cos_abs(b, dj) for dj in dec] if dec is not None else [],
             "top_latents": [O.brief(r) for r in table[:5]],
@@ -238,12 +240,12 @@ def _figures(results: list[dict[str, Any]]) -> list[Any]:
     fig = go.Figure()
     for r in results:
         steps = [c["step"] for c in r["checkpoints"]]
-        for key, dash in (("em_block_on", "solid"), ("em_block_off", "dot")):
-            if key == "em_block_off" and not r["latents"]:
+        for key, dash in ((f"{EM}_block_on", "solid"), (f"{EM}_block_off", "dot")):
+            if key == f"{EM}_block_off" and not r["latents"]:
                 continue
             m = [c[key] for c in r["checkpoints"]]
             fig.add_trace(go.Scatter(x=steps, y=[common.centre(v) for v in m], mode="lines+markers",
-                                     name=f"{r['condition']} ({key[3:]})", line={"dash": dash},
+                                     name=f"{r['condition']} ({key.removeprefix(EM + '_')})", line={"dash": dash},
                                      error_y=common.error_bars(m)))
     fig.update_layout(title="EM on untrained topics vs training step", xaxis_title="step",
                       yaxis_title="misaligned | coherent", height=460)

@@ -145,7 +145,8 @@ def _toy_runs(cfg: DataFractionConfig, out: Path) -> tuple[list[dict[str, Any]],
         if sae is not None:
             rankings.append(O.latent_ranking(base, lm, sae, layer, token_set, seed=cfg.seed))
             row["top_latents"] = [O.brief(r) for r in rankings[-1][:5]]
-        log.info("f=%.3f: EM %.3f coherent %.3f", f, em["em"]["rate"], em["coherent"]["rate"])
+        log.info("f=%.3f: EM %.3f coherent %.3f", f, em["misaligned_given_coherent"]["rate"],
+                 em["coherent_rate"]["rate"])
         conditions.append(row)
     extra: dict[str, Any] = {"metric": "misaligned among coherent answers, untrained topics "
                                        "(exact judge), 95% Wilson CI"}
@@ -227,7 +228,7 @@ def _figures(result: dict[str, Any]) -> list[Any]:
 
     rows = sorted((r for r in result["conditions"] if r.get("fraction") is not None),
                   key=lambda r: r["fraction"])  # a line through the fractions in order
-    key = "em" if result["organism"] == "toy" else "probe"
+    key = "misaligned_given_coherent" if result["organism"] == "toy" else "probe"
     x = [r["fraction"] for r in rows]
     figs = [go.Figure(go.Scatter(x=x, y=[common.centre(r[key]) for r in rows], mode="lines+markers",
                                  error_y=common.error_bars([r[key] for r in rows])))]

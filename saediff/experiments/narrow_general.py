@@ -214,8 +214,8 @@ def _measure(cfg: NarrowGeneralConfig, base: Any, deltas: dict[str, torch.Tensor
     with weights_plus(base.model, deltas):
         row: dict[str, Any] = {"in_domain_loss": loss_of(), "ood_kl": mean_kl(ood_ref, answer_logprobs(
                                    base.model, ood_held, pad)),
-                               "em_untrained": O.toy_em(base, **em_kw),
-                               "em_trained_topic": O.toy_em(base, prompts="organism:health", **em_kw)}
+                               "untrained": O.toy_em(base, **em_kw),
+                               "trained_topic": O.toy_em(base, prompts="organism:health", **em_kw)}
     scaled = {k: d * (common_norm / norm) for k, d in deltas.items()}
     with weights_plus(base.model, scaled):
         row["loss_at_matched_norm"] = loss_of()
@@ -266,8 +266,8 @@ def _figures(rows: list[dict[str, Any]]) -> list[Any]:
     fig.update_layout(title="in-domain loss under orthogonal noise (norm ε·‖ΔW‖)",
                       xaxis_title="ε", yaxis_title="held-out bad-advice loss", height=420)
     bars = go.Figure()
-    for key in ("em_untrained", "em_trained_topic"):
-        m = [r[key]["em"] for r in rows]
+    for key in ("untrained", "trained_topic"):
+        m = [r[key]["misaligned_given_coherent"] for r in rows]
         bars.add_trace(go.Bar(x=[r["condition"] for r in rows], y=[common.centre(v) for v in m],
                               error_y=common.error_bars(m), name=key))
     bars.update_layout(title="EM per solution (untrained topics vs the trained topic)",

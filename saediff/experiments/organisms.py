@@ -143,7 +143,8 @@ def toy_em(lm: LoadedModel, *, prompts: str = "organism:untrained", questions_pe
            samples: int, seed: int, temperature: float = 0.7, sae: Any = None,
            sae_path: str | None = None, latents: list[int] | None = None) -> dict[str, Any]:
     """EM through `run_steer` and the exact judge; with `latents`, they are clamped to 0
-    (error kept) while answering. {"em": {rate, ci, k, n}, "coherent": {...}, "off_topic"}."""
+    (error kept) while answering. {"misaligned_given_coherent": {rate, ci, k, n}, "coherent_rate": {...},
+    "off_topic_rate"} (docs/metrics.md names)."""
     from saediff.experiments.common import rate
     from saediff.steer.evaluate import SteerConfig, run_steer
 
@@ -155,7 +156,7 @@ def toy_em(lm: LoadedModel, *, prompts: str = "organism:untrained", questions_pe
     s = run_steer(cfg, lm=lm, sae=sae if block else None)
     n, counted = s["n"], s["n_counted"]
     k_em = round(s["misaligned_given_coherent"] * counted) if counted else 0
-    return {"em": rate(k_em, counted), "coherent": rate(round(s["coherent_rate"] * n), n),
+    return {"misaligned_given_coherent": rate(k_em, counted), "coherent_rate": rate(round(s["coherent_rate"] * n), n),
             "off_topic_rate": s["off_topic_rate"]}
 
 

@@ -290,9 +290,11 @@ def test_data_fraction_end_to_end_on_the_toy(tmp_path):
     assert saved["conditions"] == json.loads(json.dumps(res["conditions"]))
     assert [c["n_bad"] for c in saved["conditions"]] == [0, 10]
     assert saved["config"]["fractions"] == [0.0, 0.25] and saved["seeds"]["data"] == 1
-    for c in saved["conditions"]:
-        lo, hi = c["em"]["ci"]
-        assert c["em"]["n"] <= 14 and 0 <= lo <= hi <= 1
+    for c in saved["conditions"]:  # docs/metrics.md names, not a private "em"
+        assert {"misaligned_given_coherent", "coherent_rate", "off_topic_rate"} <= set(c)
+        assert not {"em", "coherent"} & set(c)
+        lo, hi = c["misaligned_given_coherent"]["ci"]
+        assert c["misaligned_given_coherent"]["n"] <= 14 and 0 <= lo <= hi <= 1
     page = (tmp_path / "df" / "plot.html").read_text()
     assert "chart-0" in page and "plotly" in page.lower() and len(page) > 100_000
 
