@@ -132,8 +132,17 @@ def test_readme_runs_in_order_in_a_fresh_directory(user_dir):
     # the stage sequence uses its own cache, not the demo's (which lives under demo_out/)
     info = next(o for o in outputs.values() if "rows" in o and "organism_l0.h5" in o)
     assert "chats.jsonl" in info and "demo_out" not in info, info
-    assert (work / "demo_out" / "summary.json").is_file()
     assert "Fine-tuning on one topic raised" in said
+    # the suite's one quick-demo run: its known answers, then a rerun reuses cache and SAE
+    from test_demo import check_quick_demo
+
+    check_quick_demo(work / "demo_out")
+    weights = work / "demo_out" / "sae" / "sae_weights.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = _run(work, env, "bash", "saediff demo --quick", len(blocks))
+    assert "reusing the trained SAE" in again, again[-2000:]
+    assert re.search(r"reusing \S+\.h5: complete", again), again[-2000:]
+    assert weights.stat().st_mtime_ns == mtime
     # every output the README (and the demo) leaves behind is git-ignored
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=work,
