@@ -142,8 +142,8 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
         pre_s = torch.addmm(b_s, sae_in, w_s)
     with record_function("saediff.topk"):
         acts = _top(sae, pre_s, dp)
-        ones = None if n is not None else torch.ones(acts.n_cols, device=pre_s.device)
-    return acts, pre_s, n if n is not None else ones, sae_in
+    return (acts, pre_s, n if n is not None else torch.ones(acts.n_cols, device=pre_s.device),
+            sae_in)
 
 
 def _fits(buf: torch.Tensor | None, like: torch.Tensor) -> bool:
