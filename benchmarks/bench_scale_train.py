@@ -95,10 +95,9 @@ def batches_of(x: torch.Tensor, B: int, n: int) -> list[torch.Tensor]:
 
 
 # labelled ranges of FastSAETrainer's step: scale = decoder norms + W_enc * n (SAELens's
-# rescale_acts_by_decoder_norm) + x - b_dec; encode = the encoder matmul; transpose = the
-# W_enc gradient's [d_sae, d_in] -> [d_in, d_sae] copy
-PHASES = ("scale", "encode", "topk", "decode", "backward", "transpose", "aux", "stats", "clip",
-          "optimizer")
+# rescale_acts_by_decoder_norm) + x - b_dec; encode = the encoder matmul; clip = the gradient
+# norm (the clip factor itself is applied inside the fused Adam step: optimizer)
+PHASES = ("scale", "encode", "topk", "decode", "backward", "aux", "stats", "clip", "optimizer")
 
 
 def breakdown(trainer, batches: list[torch.Tensor], device: str) -> dict[str, float]:
@@ -227,8 +226,8 @@ def print_breakdown(r: dict, device: str) -> None:
     enc = ph.get("encode", 0.0) + ph.get("topk", 0.0)
     print(f"[{device}]   encode-only ceiling {r['ceiling_ms']:.0f} ms/step (timed); profiled "
           f"encode + topk {enc:.0f} ms = {enc / step:.0%} of the step; the rest "
-          f"{step - enc:.0f} ms (B-independent part: transpose + clip + optimizer "
-          f"{sum(ph.get(k, 0.0) for k in ('transpose', 'clip', 'optimizer')):.0f} ms)",
+          f"{step - enc:.0f} ms (B-independent part: clip + optimizer "
+          f"{sum(ph.get(k, 0.0) for k in ('clip', 'optimizer')):.0f} ms)",
           flush=True)
 
 

@@ -22,6 +22,8 @@ def save_final(trainer: Any, run_dir: Path) -> None:
     import copy
 
     sae = copy.deepcopy(trainer.sae).cpu()
+    for p in sae.parameters():   # the sparse step stores W_enc transposed; files need contiguous
+        p.data = p.data.contiguous()
     scale = trainer.activation_scaler.scaling_factor
     if scale is not None:
         sae.fold_activation_norm_scaling_factor(scale)

@@ -20,7 +20,9 @@ parameters; only the arithmetic differs.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,21 +63,49 @@ class SparseActs:
         return torch.sparse_csr_tensor(crow, self.cols, v, (self.n_rows, self.n_cols))
 
 
-def _sampled(acts: SparseActs, g: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
-    """<g[row], W_dec[col]> for every active entry (sampled dense-dense matmul)."""
-    pattern = acts.csr(torch.zeros_like(acts.vals))
-    out = torch.sparse.sampled_addmm(pattern, g, w_dec.T, beta=0.0, alpha=1.0)
+@contextlib.contextmanager
+def serial_cpu(t: torch.Tensor) -> Iterator[None]:
+    """One intra-op thread on CPU for the step's bookkeeping: index/value vectors of B*k
+    entries and per-latent counters. Each such op takes well under a millisecond on one
+    thread, but a multi-threaded one waits for every worker to be scheduled: on this shared
+    2-core machine (load 8) a 32,768-entry gather took 18 ms with 2 threads vs 0.1 ms with
+    one. The B x d_in, d_sae x d_in and B x d_sae work keeps every thread. Same ops, same
+    results; a no-op on other devices."""
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _sampled(acts: SparseActs, g: torch.Tensor, w_dec: torch.Tensor,
+             alpha: float = 1.0) -> torch.Tensor:
+    """alpha * <g[row], W_dec[col]> for every active entry (sampled dense-dense matmul)."""
+    with serial_cpu(g):
+        pattern = acts.csr(torch.zeros_like(acts.vals))
+    out = torch.sparse.sampled_addmm(pattern, g, w_dec.T, beta=0.0, alpha=alpha)
     return out.values()
 
 
 def _decode(acts: SparseActs, w_dec: torch.Tensor) -> torch.Tensor:
     """A @ W_dec as a weighted gather-sum of decoder rows (one fused kernel, no CSR build):
     embedding_bag over each row's active latents, rows given by their start offsets."""
-    counts = torch.bincount(acts.rows, minlength=acts.n_rows)
-    offsets = torch.zeros(acts.n_rows, dtype=torch.int64, device=acts.rows.device)
-    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    with serial_cpu(w_dec):
+        counts = torch.bincount(acts.rows, minlength=acts.n_rows)
+        offsets = torch.zeros(acts.n_rows, dtype=torch.int64, device=acts.rows.device)
+        torch.cumsum(counts[:-1], 0, out=offsets[1:])
     return F.embedding_bag(acts.cols, w_dec, offsets, mode="sum",
                            per_sample_weights=acts.vals.to(w_dec.dtype))
+
+
+def _sq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of all entries: one dot product instead of pow + sum passes."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _stable_argsort(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +149,7 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
 def _fits(buf: torch.Tensor | None, like: torch.Tensor) -> bool:
     """`buf` can take the result of an elementwise op on `like`."""
     return buf is not None and buf.shape == like.shape and buf.dtype == like.dtype \
-        and buf.device == like.device
+        and buf.device == like.device and buf.stride() == like.stride()
 
 
 def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
@@ -132,34 +162,58 @@ def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
         cut = dp.kth_largest(local, n_keep)
         # zeros a single process would also "keep" carry no value and no gradient: dropped
         flat = torch.nonzero((scores >= cut) & (scores > 0)).flatten()
-        rows, cols, vals = flat // m, flat % m, scores[flat]
+        with serial_cpu(flat):
+            rows, cols, vals = flat // m, flat % m, scores[flat]
     elif isinstance(sae, BatchTopKTrainingSAE):
         top = torch.topk(pre_s.relu().flatten(), int(sae.cfg.k * B), sorted=False)
-        order = _stable_argsort(top.indices)      # indices are distinct: any sort agrees
-        flat = top.indices[order]
-        rows, cols, vals = flat // m, flat % m, top.values[order]
+        with serial_cpu(pre_s):
+            order = _stable_argsort(top.indices)      # indices are distinct: any sort agrees
+            flat = top.indices[order]
+            rows, cols, vals = flat // m, flat % m, top.values[order]
     else:
         top = torch.topk(pre_s, int(sae.cfg.k), dim=-1, sorted=False)
-        rows = torch.arange(B, device=pre_s.device).repeat_interleave(int(sae.cfg.k))
-        cols, vals = top.indices.flatten(), top.values.flatten().relu()
+        with serial_cpu(pre_s):
+            rows = torch.arange(B, device=pre_s.device).repeat_interleave(int(sae.cfg.k))
+            cols, vals = top.indices.flatten(), top.values.flatten().relu()
     return SparseActs(rows, cols, vals, B, m)
+
+
+def store_encoder_transposed(w_enc: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Keep W_enc ([d_in, d_sae], SAELens's shape) in [d_sae, d_in] memory; returns that
+    memory as a contiguous [d_sae, d_in] parameter, W_enc being its transposed view.
+
+    The sparse backward builds W_enc's gradient latent by latent ([d_sae, d_in] rows), so
+    with this layout the gradient needs no per-step transposed copy, and Adam updates the
+    contiguous [d_sae, d_in] parameter (torch's fused CPU Adam copies a non-contiguous one to
+    a contiguous buffer and back, every step: more than the transpose). W_enc's values and
+    shape are unchanged and it sees every update (shared memory); the encoder matmul reads it
+    as a transposed operand. Files need contiguous tensors: checkpoints store W_enc and its
+    moments as [d_in, d_sae] and `train.final.save_final` writes a contiguous copy."""
+    t = w_enc.data.T.contiguous()
+    w_enc.data = t.T
+    return torch.nn.Parameter(t)
 
 
 class SparseTopKStep:
     """SAELens `training_forward_pass` + backward for one TopK/BatchTopK SAE, sparse.
 
-    The scaled encoder (W_enc * n) and W_enc's [d_in, d_sae] gradient live in buffers
-    allocated once and reused: a fresh d_in x d_sae tensor each step costs its page faults.
+    W_enc is stored transposed (`store_encoder_transposed`) so its gradient needs no copy;
+    the scaled encoder (W_enc * n) lives in a buffer allocated once, in the same layout, and
+    reused: a fresh d_in x d_sae tensor each step costs its page faults.
     """
 
     def __init__(self, sae: TopKTrainingSAE):
         self.sae = sae
+        self.w_enc_t = store_encoder_transposed(sae.W_enc)   # what the optimizer updates
         m, d = sae.W_dec.shape
         kw = {"dtype": sae.W_dec.dtype, "device": sae.W_dec.device}
-        self.buf_w_enc = torch.empty(d, m, **kw)
         # W_enc * n (decoder-norm rescale): the encoder's weights this step
-        self.buf_w_enc_s = torch.empty(d, m, **kw) if sae.cfg.rescale_acts_by_decoder_norm \
+        self.buf_w_enc_s = torch.empty(m, d, **kw).T if sae.cfg.rescale_acts_by_decoder_norm \
             else None
+
+    def optimizer_params(self) -> list[torch.nn.Parameter]:
+        """The SAE's parameters for the optimizer, W_enc as its [d_sae, d_in] memory."""
+        return [self.w_enc_t if p is self.sae.W_enc else p for p in self.sae.parameters()]
 
     @staticmethod
     def _scatter(acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
@@ -168,15 +222,17 @@ class SparseTopKStep:
         (its entries, sorted by latent) summing the weighted rows of `dense`. embedding_bag's
         fused gather-sum ran 2x faster than the CSR sparse @ dense product on this CPU (466
         vs 959 ms at d_sae 16,384, batch 4,096); a latent with no entry gets a zero row."""
-        return F.embedding_bag(acts.rows[order], dense, crow[:-1], mode="sum",
-                               per_sample_weights=values[order].to(dense.dtype))
+        with serial_cpu(dense):
+            idx, w = acts.rows[order], values[order].to(dense.dtype)
+        return F.embedding_bag(idx, dense, crow[:-1], mode="sum", per_sample_weights=w)
 
     @staticmethod
     def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
-        order = _stable_argsort(acts.cols)
-        counts = torch.bincount(acts.cols, minlength=acts.n_cols)
-        crow = torch.zeros(acts.n_cols + 1, dtype=torch.int64, device=acts.cols.device)
-        torch.cumsum(counts, 0, out=crow[1:])
+        with serial_cpu(acts.cols):
+            order = _stable_argsort(acts.cols)
+            counts = torch.bincount(acts.cols, minlength=acts.n_cols)
+            crow = torch.zeros(acts.n_cols + 1, dtype=torch.int64, device=acts.cols.device)
+            torch.cumsum(counts, 0, out=crow[1:])
         return order, crow
 
     @torch.no_grad()
@@ -186,35 +242,44 @@ class SparseTopKStep:
         Returns mse_loss, auxiliary_reconstruction_loss, loss, sae_out and `acts` (the active
         latents, values as SAELens's feature_acts). Each phase runs under a
         `torch.profiler.record_function` label (saediff.scale / encode / topk / decode /
-        backward / aux / transpose), which `benchmarks/bench_scale_train.py` turns into a
+        backward / aux), which `benchmarks/bench_scale_train.py` turns into a
         breakdown.
         """
         sae = self.sae
+        if sae.W_enc.data_ptr() != self.w_enc_t.data_ptr():
+            raise RuntimeError("SAE.W_enc was replaced after the sparse step was built; the "
+                               "optimizer would no longer update it")
         B = x.shape[0]
         acts_s, pre_s, n, sae_in = select(sae, x, dp, self.buf_w_enc_s)
         self._update_threshold(acts_s, x, dp)
-        a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
+        with serial_cpu(x):
+            a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
         with record_function("saediff.decode"):
             x_hat = _decode(acts, sae.W_dec).add_(sae.b_dec) if a.numel() else \
                 sae.b_dec.expand_as(x).clone()
             diff = x_hat - x
-            mse = diff.pow(2).sum(-1).mean()
+            mse = _sq_sum(diff) / B
         with record_function("saediff.backward"):
-            g = diff * (2.0 / B)
-            da = _sampled(acts, g, sae.W_dec) * (a > 0)
+            # d mse / d x_hat = diff * 2/B: the factor goes into the B*k entry weights and
+            # alpha, not into one more B x d_in pass
+            c = 2.0 / B
+            da = _sampled(acts, diff, sae.W_dec, alpha=c)
+            with serial_cpu(da):
+                da *= a > 0
         with record_function("saediff.aux"):
             aux, aux_part = self._aux_loss(pre_s, n, diff, dead_mask)
         with record_function("saediff.backward"):
-            parts = [(acts, g, da)] + ([aux_part] if aux_part is not None else [])
+            with serial_cpu(da):
+                main = SparseActs(acts.rows, acts.cols, a * c, B, acts.n_cols)
+            parts = [(main, diff, da)] + ([aux_part] if aux_part is not None else [])
             grad_b_enc = self._accumulate(parts, sae_in)
-            grad_b_dec = g.sum(0)
+            grad_b_dec = diff.sum(0).mul_(c)
             if sae.cfg.apply_b_dec_to_input:
                 grad_b_dec -= sae.W_enc @ grad_b_enc
-        with record_function("saediff.transpose"):
-            # the gradient is built as [d_sae, d_in] (CSR rows = latents); W_enc is [d_in, d_sae]
-            self.buf_w_enc.copy_(self.grad_w_enc_t.T)
-        sae.W_enc.grad = self.buf_w_enc
+        # built as [d_sae, d_in] (one row per latent): the layout W_enc is stored in
+        self.w_enc_t.grad = self.grad_w_enc_t
+        sae.W_enc.grad = self.grad_w_enc_t.T       # the same memory (DDP averages it there)
         sae.W_dec.grad = self.grad_w_dec
         sae.b_enc.grad = grad_b_enc
         sae.b_dec.grad = grad_b_dec
@@ -234,8 +299,9 @@ class SparseTopKStep:
 
     def _accumulate(self, parts: list[tuple[SparseActs, torch.Tensor, torch.Tensor]],
                     sae_in: torch.Tensor) -> torch.Tensor:
-        """grad_w_dec = sum A^T g, grad_w_enc_t = sum dA^T sae_in over `parts` (acts with values
-        a, g, da: the main loss and the aux loss); returns d b_enc (colsum of every dA).
+        """grad_w_dec = sum A^T g, grad_w_enc_t = sum dA^T sae_in over `parts` (the main loss
+        and the aux loss: acts with values c*a, the residual r with d loss / d x_hat = c*r, and
+        dA); returns d b_enc (colsum of every dA). Below, g stands for r.
 
         The parts go in one sparse product over stacked rows (part i's entries point at rows
         i*B.. of [g_0; g_1] and [sae_in; sae_in]): one transpose pattern and one write of each
@@ -243,17 +309,20 @@ class SparseTopKStep:
         acts, g, da = parts[0]
         if len(parts) > 1:
             B = acts.n_rows
-            rows = torch.cat([p[0].rows + i * B for i, p in enumerate(parts)])
-            acts = SparseActs(rows, torch.cat([p[0].cols for p in parts]),
-                              torch.cat([p[0].vals for p in parts]), B * len(parts), acts.n_cols)
+            with serial_cpu(g):
+                rows = torch.cat([p[0].rows + i * B for i, p in enumerate(parts)])
+                acts = SparseActs(rows, torch.cat([p[0].cols for p in parts]),
+                                  torch.cat([p[0].vals for p in parts]), B * len(parts),
+                                  acts.n_cols)
+                da = torch.cat([p[2] for p in parts])
             g = torch.cat([p[1] for p in parts])
-            da = torch.cat([p[2] for p in parts])
             sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
         self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g)
         self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in)
-        return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
-            0, acts.cols, da)
+        with serial_cpu(g):
+            return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
+                0, acts.cols, da)
 
     def _aux_loss(self, pre_s: torch.Tensor, n: torch.Tensor, diff: torch.Tensor,
                   dead_mask: torch.Tensor | None
@@ -270,16 +339,20 @@ class SparseTopKStep:
         coef = self.sae.cfg.aux_loss_coefficient * scale
         # top k_aux among the dead columns only: the same set as masking the live ones to
         # -inf, without writing and searching a full [B, d_sae] copy
-        dead_idx = torch.nonzero(dead_mask).flatten()
+        with serial_cpu(diff):
+            dead_idx = torch.nonzero(dead_mask).flatten()
         top = pre_s.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-        cols = dead_idx[top.indices.flatten()]
-        rows = torch.arange(B, device=diff.device).repeat_interleave(k_aux)
-        aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, pre_s.shape[1])
+        with serial_cpu(diff):
+            cols = dead_idx[top.indices.flatten()]
+            rows = torch.arange(B, device=diff.device).repeat_interleave(k_aux)
+            aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, pre_s.shape[1])
         aux_diff = _decode(aux_acts, self.sae.W_dec) + diff   # recons - (x - x_hat)
-        aux = coef * aux_diff.pow(2).sum(-1).mean()
-        g_aux = aux_diff * (2.0 * coef / B)
-        da_aux = _sampled(aux_acts, g_aux, self.sae.W_dec)
-        return aux, (aux_acts, g_aux, da_aux)
+        aux = coef * _sq_sum(aux_diff) / B
+        c = 2.0 * coef / B                                   # d aux / d aux_diff = c * aux_diff
+        da_aux = _sampled(aux_acts, aux_diff, self.sae.W_dec, alpha=c)
+        with serial_cpu(da_aux):
+            weighted = SparseActs(rows, cols, aux_acts.vals * c, B, aux_acts.n_cols)
+        return aux, (weighted, aux_diff, da_aux)
 
 
 def train_step_grads(sae: TopKTrainingSAE, x: torch.Tensor,

@@ -29,7 +29,7 @@ from torch.profiler import record_function
 from saediff.errors import SaediffError
 from saediff.io import atomic_path, safe_child, write_json
 from saediff.train.metrics import step_metrics
-from saediff.train.sparse import SparseTopKStep, supports_fast_path
+from saediff.train.sparse import SparseTopKStep, serial_cpu, supports_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,16 @@ class FastSAETrainer(SAETrainer):
         super().__init__(tcfg, sae, store)
         self.sae.to(tcfg.device)
         fused = torch.device(tcfg.device).type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=tcfg.lr,
+        self.fast = SparseTopKStep(sae) if cfg.fast_path and supports_fast_path(sae) else None
+        # the sparse step's W_enc is a view of a [d_sae, d_in] parameter: Adam updates that one
+        params = self.fast.optimizer_params() if self.fast else list(sae.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=tcfg.lr,
                                           betas=(tcfg.adam_beta1, tcfg.adam_beta2), fused=fused)
         self.lr_scheduler = get_lr_scheduler(
             tcfg.lr_scheduler_name, lr=tcfg.lr, optimizer=self.optimizer,
             warm_up_steps=tcfg.lr_warm_up_steps, decay_steps=tcfg.lr_decay_steps,
             training_steps=tcfg.total_training_steps, lr_end=tcfg.lr_end,
             num_cycles=tcfg.n_restart_cycles)
-        self.fast = SparseTopKStep(sae) if cfg.fast_path and supports_fast_path(sae) else None
         # set by the loop under torchrun (saediff.train.ddp.DataParallel): batches are this
         # rank's share, gradients/fire counts are all-reduced before the optimizer step
         self.ddp: Any = None
@@ -75,8 +77,9 @@ class FastSAETrainer(SAETrainer):
         B = sae_in.shape[0]
         if self.fast is not None:
             r = self.fast(sae_in, self.dead_neurons, self.ddp)
-            fired = r["acts"].cols[r["acts"].vals > 0]
-            counts = torch.bincount(fired, minlength=sae.cfg.d_sae).float()
+            with serial_cpu(sae_in):       # B*k-entry bookkeeping (see train.sparse)
+                fired = r["acts"].cols[r["acts"].vals > 0]
+                counts = torch.bincount(fired, minlength=sae.cfg.d_sae).float()
             out = {"loss": r["loss"], "mse_loss": r["mse_loss"],
                    "aux_loss": r["auxiliary_reconstruction_loss"], "l0": fired.numel() / B,
                    "sae_out": r["sae_out"]}
@@ -106,17 +109,19 @@ class FastSAETrainer(SAETrainer):
             B = B * self._world()
         if not math.isfinite(float(out["loss"].detach())):
             sae.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()  # the sparse step's [d_sae, d_in] W_enc too
             raise FloatingPointError(f"loss = {float(out['loss'].detach())}")
-        with torch.no_grad(), record_function("saediff.stats"):
+        with torch.no_grad(), record_function("saediff.stats"), serial_cpu(sae_in):
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[counts > 0] = 0
             self.act_freq_scores += counts
             self.n_frac_active_samples += B
         with record_function("saediff.clip"):
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            self._clip_grads(sae)
         with record_function("saediff.optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad()
+            sae.zero_grad()            # the sparse step's W_enc.grad view
         if self.ddp is not None:
             self.ddp.sync_buffers(sae)
         self.lr_scheduler.step()
@@ -124,6 +129,19 @@ class FastSAETrainer(SAETrainer):
             scheduler.step()
         out["sae_in"] = sae_in
         return out
+
+    def _clip_grads(self, sae: Any, max_norm: float = 1.0) -> None:
+        """`clip_grad_norm_(max_norm)`; with fused Adam the clip factor c = max_norm / (norm +
+        1e-6) (at most 1) becomes Adam's `grad_scale` (the kernel divides by 1/c as it reads
+        each gradient), instead of one more read-and-write pass over both [d_in, d_sae]
+        gradients. Same update up to the last bit of g*c vs g/(1/c); exact when no clip."""
+        if not self.optimizer.defaults.get("fused"):
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+            return
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        self.optimizer.grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
 
     def maybe_reset_sparsity(self) -> dict[str, Any]:
         if self.n_training_steps > 0 and \
@@ -153,11 +171,15 @@ class FastSAETrainer(SAETrainer):
         t: dict[str, torch.Tensor] = {f"sae.{k}": v.detach().cpu().contiguous()
                                       for k, v in self.sae.state_dict().items()}
         names = {id(p): n for n, p in self.sae.named_parameters()}
+        if self.fast is not None:
+            names[id(self.fast.w_enc_t)] = "W_enc"
         opt_meta = {}
         for p, st in self.optimizer.state.items():
             n = names[id(p)]
             for key, val in st.items():
                 if torch.is_tensor(val):
+                    # W_enc's moments in W_enc's [d_in, d_sae] shape, whatever the layout
+                    val = val.T if self.fast is not None and p is self.fast.w_enc_t else val
                     t[f"opt.{n}.{key}"] = val.detach().cpu().contiguous()
                 else:
                     opt_meta[f"{n}.{key}"] = val
@@ -179,6 +201,9 @@ class FastSAETrainer(SAETrainer):
         for p_name, p in self.sae.named_parameters():
             st = {key[len(f"opt.{p_name}."):]: v.to(dev) for key, v in t.items()
                   if key.startswith(f"opt.{p_name}.")}
+            if self.fast is not None and p is self.sae.W_enc:   # Adam's W_enc: [d_sae, d_in]
+                p = self.fast.w_enc_t
+                st = {k: v.T.contiguous() if v.dim() == 2 else v for k, v in st.items()}
             st.update({key[len(p_name) + 1:]: v for key, v in meta["optimizer_scalars"].items()
                        if key.startswith(p_name + ".")})
             if st:

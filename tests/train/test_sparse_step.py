@@ -73,3 +73,38 @@ def test_sparse_step_weights_match_dense_reference(arch, kw):
         assert (p - q).abs().max() < 2e-5, (name, float((p - q).abs().max()))
     if arch == "batchtopk":                  # the running inference threshold too
         assert torch.allclose(ref.topk_threshold, sae.topk_threshold, atol=1e-5)
+
+
+def test_transposed_encoder_resumes_and_saves_like_a_plain_one(tmp_path):
+    """The sparse step stores W_enc transposed ([d_sae, d_in] memory): a checkpoint round trip
+    (contiguous files, moments put back in the parameter's layout) continues exactly as the
+    uninterrupted run, and the final SAELens file holds the same W_enc (not its memory read
+    in the wrong order)."""
+    from safetensors.torch import load_file
+
+    from saediff.train.final import save_final
+    from saediff.train.trainer import FastSAETrainer
+
+    cfg, sae = _make("topk", {})
+    resumed_sae = copy.deepcopy(sae)
+    run = FastSAETrainer(cfg, sae, None)
+    assert sae.W_enc.stride() == (1, D_IN)                  # the layout under test
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(64, D_IN, generator=g) * 2 for _ in range(6)]
+    for x in xs[:3]:
+        run.step(x)
+    tensors, meta = run.state_tensors()
+    assert all(t.is_contiguous() for t in tensors.values())
+    resumed = FastSAETrainer(cfg, resumed_sae, None)
+    resumed.load_state_tensors({k: v.clone() for k, v in tensors.items()}, meta)  # as a file
+    for x in xs[3:]:
+        run.step(x)
+        resumed.step(x)
+    for p, q in zip(run.sae.parameters(), resumed.sae.parameters()):
+        assert torch.equal(p, q)
+    save_final(run, tmp_path)
+    saved = load_file(tmp_path / "sae_weights.safetensors")
+    w_enc, w_dec = run.sae.W_enc.detach(), run.sae.W_dec.detach()
+    # SAELens's inference file folds the decoder norms into the encoder (rescale on)
+    assert torch.allclose(saved["W_enc"], w_enc * w_dec.norm(dim=-1), atol=1e-6)
+    assert not torch.allclose(saved["W_enc"], w_enc.T.reshape(D_IN, D_SAE) * w_dec.norm(dim=-1))
