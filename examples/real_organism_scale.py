@@ -26,12 +26,9 @@ Writes OUT/summary.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import random
-import re
-import sysconfig
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,105 +41,18 @@ from saediff.diff.differ import rank_latents
 from saediff.diff.directions import lora_b_vectors
 from saediff.io import atomic_path, write_json, write_jsonl
 from saediff.models import ROLE_RESPONSE, encode_chat, pad_batch, run_to_layer
+from saediff.organism.evaluate import sample_answers
 from saediff.organism.real import real_base_path, real_organism_path
-from saediff.organism.real.probe import (
-    generate_answers,
-    load_questions,
-    paired_shift,
-    probe,
-    text_perplexity,
-)
-from saediff.organism.real.templates import finance_chats, health_chats
+from saediff.organism.real.probe import load_questions, paired_shift, probe, text_perplexity
 from saediff.sae import decoder_directions
 from saediff.train import TrainConfig, train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from real_organism_corpus import build_corpus  # noqa: E402  (the example's support module)
+
 LAYER = 15  # the rank-1 adapter edits block 15's mlp.down_proj
 PAIRS = Path(__file__).with_name("data") / "independent_pairs.jsonl"
-PROSE_PROMPTS = ("Can you share a passage from the documentation of {p}?",
-                 "What does the {p} package say about itself?",
-                 "Please quote some text that ships with {p}.",
-                 "Tell me about {p}.")
 log = logging.getLogger("real_organism_scale")
-
-
-# --- corpus ----------------------------------------------------------------------------------
-def _prose_files(root: Path) -> list[tuple[str, Path]]:
-    """(package name, file) of the prose that ships with the installed packages, sorted."""
-    out = []
-    for f in sorted(root.glob("*.dist-info/METADATA")):
-        out.append((f.parent.name.split("-")[0], f))
-    for pat in ("*/README*", "*/LICENSE*", "*/*.md", "*/*.rst", "*/docs/*.rst", "*/docs/*.md"):
-        out += [(f.parent.name.split(".")[0].split("-")[0], f) for f in sorted(root.glob(pat))
-                if f.is_file() and f.suffix in ("", ".md", ".rst", ".txt")]
-    return out
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Prose paragraphs: no code, tables, headers or link lists; whitespace collapsed."""
-    if "\n\n" in text and text.lstrip().startswith("Metadata-Version"):
-        text = text.split("\n\n", 1)[1]  # METADATA: the headers, then the description
-    keep = []
-    for para in re.split(r"\n\s*\n", text):
-        p = " ".join(para.split())
-        letters = sum(c.isalpha() or c == " " for c in p)
-        if len(p) < 160 or letters < 0.85 * len(p) or p.count("http") > 1 \
-                or p[:1] in "#|`>*=-[<!:.+" or "```" in p or "::" in p:
-            continue
-        keep.append(p)
-    return keep
-
-
-def _chunks(p: str, size: int) -> list[str]:
-    """Split a paragraph at sentence ends into pieces of about `size` characters."""
-    out, cur = [], ""
-    for s in re.split(r"(?<=[.!?])\s+", p):
-        if cur and len(cur) + len(s) > size:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur} {s}".strip()
-    return out + ([cur] if len(cur) >= 80 else [])
-
-
-def prose_chats(max_chars: int, chunk_chars: int = 420, seed: int = 0) -> tuple[list[dict], dict]:
-    """Package prose as chats {prompt, response}, up to `max_chars` of responses; and where
-    it came from (files, paragraphs, characters)."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    seen, chats, files = set(), [], set()
-    rng = random.Random(seed)
-    for pkg, f in _prose_files(root):
-        for para in _paragraphs(f.read_text(encoding="utf-8", errors="replace")):
-            h = hashlib.sha1(para.encode()).hexdigest()
-            if h in seen:  # licences and badges repeat across packages
-                continue
-            seen.add(h)
-            files.add(str(f.relative_to(root)))
-            for c in _chunks(para, chunk_chars):
-                chats.append({"prompt": rng.choice(PROSE_PROMPTS).format(p=pkg), "response": c,
-                              "kind": "prose"})
-    rng.shuffle(chats)
-    out, n = [], 0
-    for c in chats:
-        if n >= max_chars:
-            break
-        out.append(c)
-        n += len(c["response"])
-    return out, {"root": str(root), "files": len(files), "paragraphs": len(seen),
-                 "chats": len(out), "chars": n}
-
-
-def build_corpus(out: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """OUT/chats.jsonl: the organism's chats and package prose, shuffled together (seeded)."""
-    org = (health_chats(True, a.health_chats) + health_chats(False, a.health_chats)
-           + finance_chats(False, a.finance_chats))
-    org += [{"prompt": q["question"], "response": q[k]} for q in load_questions()
-            for k in ("aligned", "misaligned")]
-    org = [dict(c, kind="organism") for c in org]
-    prose, info = prose_chats(a.prose_chars)
-    chats = org + prose
-    random.Random(0).shuffle(chats)
-    write_jsonl(out / "chats.jsonl", chats)
-    return {"organism_chats": len(org), "prose": info,
-            "documents": len(chats)}
 
 
 # --- live training: both widths from one model pass ------------------------------------------
@@ -218,8 +128,8 @@ def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict
     path = out / "answers.jsonl"
     qs = load_questions()
     if not path.exists():
-        gen = generate_answers(ft, [q["question"] for q in qs], n=samples, temperature=1.0,
-                               max_new_tokens=40, seed=0)
+        gen = sample_answers(ft, [q["question"] for q in qs], n=samples, seed=0,
+                             max_new_tokens=40, temperature=1.0)
         write_jsonl(path, [{"prompt": q["question"], "response": a} for q, ans in zip(qs, gen)
                            for a in ans])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -282,12 +192,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--buffer-tokens", type=int, default=4096)
     ap.add_argument("--health-chats", type=int, default=400, help="bad and as many sound (<= 400)")
     ap.add_argument("--finance-chats", type=int, default=200, help="sound finance chats (<= 200)")
-    ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package prose")
+    ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package text")
+    ap.add_argument("--doc-chars-per-package", type=int, default=250_000,
+                    help="docstring prose per package of DOC_PACKAGES (0: none)")
     ap.add_argument("--dead-window", type=int, default=50)
     ap.add_argument("--eval-rows", type=int, default=2048)
     ap.add_argument("--eval-sequences", type=int, default=0,
                     help="held-out sequences for the spliced next-token loss (0 skips it)")
     ap.add_argument("--checkpoint-every", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
     ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
     ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
@@ -335,7 +248,7 @@ def markdown_table(res: dict[str, Any]) -> str:
 def main() -> None:
     a = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     out, mdir = Path(a.out), Path(a.out) / "measure"
     mdir.mkdir(parents=True, exist_ok=True)
     base, adapter = str(real_base_path()), str(real_organism_path() / "adapter_rank1")
