@@ -19,10 +19,9 @@ of base + the shipped rank-1 adapter (evals on base and fine-tuned), over the or
 mixed with English prose that ships with the installed Python packages (package texts and
 docstrings, `examples/real_organism_corpus.py`), then per SAE: rank latents on the fine-tuned
 model's own answers to the probe questions, clamp the top 1, 3 and 10 up-shifted latents to 0
-and read the share of the probe shift removed, on the shipped probe and on 20 independently
-written pairs
-(`examples/data/independent_pairs.jsonl`), with the text perplexity, next to ablating LoRA B.
-Writes OUT/summary.json.
+(and scale the top 3 to the base's level) and read the share of the probe shift removed, on
+the shipped probe and on 20 independently written pairs (`examples/data/independent_pairs.jsonl`),
+with the text perplexity, next to ablating LoRA B. Writes OUT/summary.json.
 """
 from __future__ import annotations
 
@@ -181,6 +180,21 @@ def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...]
             for n in tops}
 
 
+def scaled(run: Path, mdir: Path, ft: Any, top: list[int], acts: Any, sets: list[str],
+           n: int = 3) -> dict[str, Any]:
+    """{set: result} with the top n latents scaled to the base's level instead of clamped to 0:
+    f -> f * (mean base / mean fine-tuned activation on the answers). It takes out the
+    fine-tune's up-shift and keeps what the base model uses these latents for."""
+    sae, a = saediff.load_sae(run), acts()
+    with torch.no_grad():
+        r = (sae.encode(a["base"])[:, top[:n]].mean(0)
+             / sae.encode(a["finetuned"])[:, top[:n]].mean(0)).float()
+    def one(s):
+        return measure(ft, s, saediff.steer(ft, sae, latent=top[:n],
+                                            clamp=lambda f: f * r.to(f.dtype)))
+    return {s: cached(mdir / f"{run.name}_top{n}scaled_{s}.json", one, s) for s in sets}
+
+
 # --- the script ------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -235,6 +249,9 @@ def markdown_table(res: dict[str, Any]) -> str:
     none = (f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
             f"{res['finetuned'].get('text_ppl')} |")
     lora = f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | {lb.get('text_ppl')} |"
+    def label(n):
+        return f"top {n[:-6]} scaled to the base's level" if n.endswith("scaled") \
+            else f"top {n} clamped to 0"
     lines = [head, "|---|---|---|---|", none, lora]
     for name, r in res.items():
         if "clamped" not in r:
@@ -242,7 +259,7 @@ def markdown_table(res: dict[str, Any]) -> str:
         q = r["quality"].get("finetuned", {})
         for n, c in r["clamped"].items():
             lines.append(f"| {name} (FVU {q.get('fvu', float('nan')):.3f}, dead "
-                         f"{q.get('dead_frac', float('nan')):.2f}): top {n} clamped to 0 | "
+                         f"{q.get('dead_frac', float('nan')):.2f}): {label(n)} | "
                          f"{cell(c, 'probe')} | {cell(c, 'pairs')} | {c.get('text_ppl')} |")
     return "\n".join(lines)
 
@@ -275,6 +292,7 @@ def main() -> None:
         top = [t["latent"] for t in rk["top_latents"]]
         saes[run.name] = {"ranking": rk, "clamped": clamps(run, mdir, ft, top, tuple(a.tops),
                                                            sets)}
+        saes[run.name]["clamped"]["3scaled"] = scaled(run, mdir, ft, top, get_acts, sets)
     summary["results"] = assemble(ref, saes, sets)
     summary["seconds"] = round(time.time() - t0)
     if not (a.only_sae or a.only_set):
