@@ -43,3 +43,20 @@ def test_hard_case_multi_block_steering(tmp_path):
     assert ft["n"] == base["n"] == 70 and ft[em] > base[em]  # the fine-tune is misaligned
     # subtracting the fine-tune's own shift at every block lowers its EM
     assert by[("fine-tuned", "sub 1·δ0 + sub 1·δ1 + sub 1·δ2")][em] < ft[em]
+
+
+def test_every_example_imports(monkeypatch):
+    """Each example's imports resolve against the library as it is now (the real-model ones are
+    not run here: they need SmolLM2 and minutes to hours), so a renamed or removed library
+    name fails here instead of in a user's hands."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    scripts = sorted((ROOT / "examples").glob("*.py"))
+    assert {"real_organism.py", "real_organism_scale.py"} <= {p.name for p in scripts}
+    for path in scripts:
+        spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # top level only: every script guards its main()
+        if '__name__ == "__main__"' in path.read_text():  # a script, not a support module
+            assert callable(getattr(mod, "main", None)), f"{path.name} has no main()"
