@@ -132,16 +132,25 @@ RUN = """
 import json, resource, sys
 from saediff.cache.live import ModelRows
 from saediff.cli import main
-forwards, inner = [0], ModelRows.forward
-def counted(self, batch):  # count the LM forwards of the run (norm pass included)
-    forwards[0] += 1
-    return inner(self, batch)
-ModelRows.forward = counted
+def status():
+    return {k: int(v.split()[0]) for k, _, v in (l.partition(':') for l in
+            open('/proc/self/status')) if k in ('VmRSS', 'VmHWM')}
+trace, inner = [], ModelRows.forward
+def traced(self, batch):  # count the LM forwards (norm pass included), VmRSS after each
+    if not trace:
+        trace.append(status())  # before the first forward: model loaded
+    out = inner(self, batch)
+    trace.append(status())
+    return out
+ModelRows.forward = traced
 rc = main(sys.argv[1:])
 io = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines() if l)
-st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+n = len(trace) - 1
 print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  'hwm_kb': int(st['VmHWM'].split()[0]), 'lm_forwards': forwards[0],
+                  'hwm_kb': status()['VmHWM'], 'lm_forwards': max(n, 0),
+                  'rss_after_forward_kb': {i: trace[i]['VmRSS'] for i in
+                                           sorted({0, 1, 2, 5, 10, n // 2, n}) if 0 <= i <= n},
+                  'hwm_before_forwards_kb': trace[0]['VmHWM'] if trace else None,
                   'wchar': int(io['wchar']), 'write_bytes': int(io['write_bytes'])}))
 """
 
@@ -259,6 +268,10 @@ def report23(p2: dict) -> None:
           f"({one['lm_forwards']} LM forwards of {p2['lm_batch']} x <= {p2['ctx']} tokens), "
           f"{ten['maxrss_kb'] / 1024:.0f} MiB at 10x ({ten['lm_forwards']} forwards): ratio "
           f"{p2['rss_10x_over_1x']:.3f}")
+    for name, r in (("1x", one), ("10x", ten)):
+        trace = ", ".join(f"{i}: {kb / 1024:.0f}" for i, kb in r["rss_after_forward_kb"].items())
+        print(f"  {name}: peak before the first forward {r['hwm_before_forwards_kb'] / 1024:.0f}"
+              f" MiB; VmRSS after forward i (MiB) {trace}")
     print(f"  mixing buffer {p2['buffer_rows']} rows x 576 x float32 = "
           f"{p2['buffer_bytes'] / 2**20:.2f} MiB (SAE batch {p2['sae_batch']}); 10x - 1x = "
           f"{(ten['maxrss_kb'] - one['maxrss_kb']) / 1024:.0f} MiB; load average "
