@@ -80,7 +80,7 @@ def make_cfg(model: str, docs: Path, out: Path, args) -> object:
                        device="cpu", eval_sequences=0, total_tokens=10**9, out=str(out))
 
 
-def run_bare(rows, trace: Trace, n: int) -> None:
+def run_bare(rows, trace: Trace, n: int, pad_to: int = 0) -> None:
     import itertools
 
     from saediff.models import pad_batch, run_to_layers
@@ -90,6 +90,10 @@ def run_bare(rows, trace: Trace, n: int) -> None:
     for _ in range(n):
         batch = list(itertools.islice(seqs, rows.lm_batch_size))
         ids, mask = pad_batch([b[1] for b in batch], lm.tokenizer.pad_token_id)
+        if pad_to:  # one input shape for every forward
+            more = pad_to - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, more), value=lm.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, more))
         run_to_layers(lm, ids, mask, [LAYER])
         trace.record()
 
@@ -117,6 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=48, help="SAE batch (rows)")
     ap.add_argument("--buffer", type=int, default=192, help="--buffer-tokens (rows)")
     ap.add_argument("--checkpoint-every", type=int, default=8)
+    ap.add_argument("--pad-to", type=int, default=0, help="bare: pad every batch to this many tokens")
     ap.add_argument("--census", type=int, default=50, help="object census every N forwards")
     ap.add_argument("--json", help="write the trace here")
     args = ap.parse_args()
@@ -133,7 +138,7 @@ def main() -> None:
         rows = live_rows(cfg, load_source_models(cfg))
         base = {"loaded": status(), **census()}
         if args.mode == "bare":
-            run_bare(rows, trace, args.forwards)
+            run_bare(rows, trace, args.forwards, args.pad_to)
         else:
             hook_forwards(rows, trace, args.forwards)
             store = LiveStore(rows, args.batch, args.buffer, cfg.seed)
