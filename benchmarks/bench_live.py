@@ -9,11 +9,16 @@ text the model can read offline (this repo's docs, one paragraph per document).
      window covers whole buffer generations (each = one chunk of forwards + its SAE steps),
      not the first fill (a one-off start cost, like loading the model).
   2. peak RSS of a live run (`saediff train --live`, separate processes) at 10x the training
-     tokens / at 1x (a smaller SAE, so the run is model-bound and quick);
+     tokens / at 1x (a smaller SAE, so the run is model-bound and quick). The runs are sized in
+     LM forwards: 1x = the rows of the first `--rss-forwards` forwards of small batches of
+     sequences (the model's own allocations grow over its first few forwards and then level
+     off, so a 1x run of 2 forwards would compare two points of that warm-up), 10x = 10 times
+     those rows; the buffer (printed in bytes) is what bounds the rest;
   3. bytes written to disk by that live run / bytes of the cache of the same 1x tokens
      (`saediff cache`, float16, built here), and the same at 10x.
 
-Usage: python benchmarks/bench_live.py [--device cpu|cuda] [--generations M] [--json OUT]
+Usage: python benchmarks/bench_live.py [--device cpu|cuda] [--generations M] [--parts 123]
+       [--rss-forwards F] [--json OUT]
 """
 from __future__ import annotations
 
@@ -123,10 +128,31 @@ def part1(model: str, docs: Path, tmp: Path, device: str, gens: int) -> dict:
             "buffer_rows": buffer, "generations_timed": gens}
 
 
-RUN = ("import json, resource, sys; from saediff.cli import main; rc = main(sys.argv[1:]); "
-       "io = dict(l.split(': ') for l in open('/proc/self/io').read().split(chr(10)) if l); "
-       "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF)"
-       ".ru_maxrss, 'wchar': int(io['wchar']), 'write_bytes': int(io['write_bytes'])}))")
+RUN = """
+import json, resource, sys
+from saediff.cache.live import ModelRows
+from saediff.cli import main
+def status():
+    return {k: int(v.split()[0]) for k, _, v in (l.partition(':') for l in
+            open('/proc/self/status')) if k in ('VmRSS', 'VmHWM')}
+trace, inner = [], ModelRows.forward
+def traced(self, batch):  # count the LM forwards (norm pass included), VmRSS after each
+    if not trace:
+        trace.append(status())  # before the first forward: model loaded
+    out = inner(self, batch)
+    trace.append(status())
+    return out
+ModelRows.forward = traced
+rc = main(sys.argv[1:])
+io = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines() if l)
+n = len(trace) - 1
+print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  'hwm_kb': status()['VmHWM'], 'lm_forwards': max(n, 0),
+                  'rss_after_forward_kb': {i: trace[i]['VmRSS'] for i in
+                                           sorted({0, 1, 2, 5, 10, n // 2, n}) if 0 <= i <= n},
+                  'hwm_before_forwards_kb': trace[0]['VmHWM'] if trace else None,
+                  'wchar': int(io['wchar']), 'write_bytes': int(io['write_bytes'])}))
+"""
 
 
 def run_cli(args: list[str]) -> dict:
@@ -140,18 +166,45 @@ def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def part23(model: str, docs: Path, tmp: Path, device: str, tokens: int) -> dict:
-    common = ["--base", model, "--layer", str(LAYER), "--dataset", str(docs), "--device", device]
-    # 1x = 16 batches; the buffer (4 batches) is full well before the 1x run ends
-    small = ["--d-sae", "2048", "--k", str(K), "--batch-size", str(tokens // 16),
-             "--sources", "base=1", "--buffer-tokens", str(tokens // 4), "--norm-batches", "2",
-             "--no-evals", "--checkpoint-every", "8"]
-    res = {}
+def rows_of_forwards(model: str, docs: Path, ctx: int, lm_batch: int, n: int) -> int:
+    """Training rows (non-special tokens of the training documents) in the first n LM
+    forwards of `lm_batch` sequences: what `ModelRows` yields, from the tokenizer alone."""
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from saediff.cache.documents import iter_sequences
+    from saediff.cache.live import is_eval_document
+    from saediff.models import ROLE_SPECIAL
+    from saediff.train.loop import TrainConfig
+
+    cfg = TrainConfig(live=True, base=model, layer=LAYER, dataset=str(docs), ctx_len=ctx)
+    seqs = (s for s in iter_sequences(cfg, AutoTokenizer.from_pretrained(model))
+            if not is_eval_document(s[0], cfg.eval_fraction))
+    return sum(sum(r != ROLE_SPECIAL for r in s[2])
+               for s in itertools.islice(seqs, n * lm_batch))
+
+
+def part23(model: str, docs: Path, tmp: Path, device: str, args: argparse.Namespace) -> dict:
+    tokens = rows_of_forwards(model, docs, args.rss_ctx, args.rss_lm_batch, args.rss_forwards)
+    batch, buffer = args.rss_sae_batch, args.rss_buffer
+    steps = tokens // batch
+    common = ["--base", model, "--layer", str(LAYER), "--dataset", str(docs), "--device", device,
+              "--ctx-len", str(args.rss_ctx)]
+    # the buffer (a few batches) is full well before the 1x run ends; 2 checkpoints at 1x
+    small = ["--d-sae", "2048", "--k", str(K), "--batch-size", str(batch),
+             "--sources", "base=1", "--buffer-tokens", str(buffer), "--norm-batches", "2",
+             "--lm-batch-size", str(args.rss_lm_batch), "--no-evals",
+             "--checkpoint-every", str(max(1, steps // 2))]
+    res = {"tokens_1x": tokens, "steps_1x": steps, "sae_batch": batch, "buffer_rows": buffer,
+           "buffer_bytes": buffer * 576 * 4, "lm_batch": args.rss_lm_batch, "ctx": args.rss_ctx,
+           "load_avg_start": os.getloadavg()}
     for mult in (1, 10):
         out = tmp / f"rss{mult}"
         r = run_cli(["train", "--live", *common, *small, "--total-tokens",
                      str(mult * tokens), "--out", str(out)])
         res[f"live_{mult}x"] = {**r, "run_dir_bytes": dir_bytes(out)}
+    res["load_avg_end"] = os.getloadavg()
     cache = tmp / "c.h5"
     r = run_cli(["cache", *common, "--max-tokens", str(tokens), "--out", str(cache)])
     res["cache_1x"] = {**r, "file_bytes": cache.stat().st_size}
@@ -162,7 +215,6 @@ def part23(model: str, docs: Path, tmp: Path, device: str, tokens: int) -> dict:
     res["live_written_over_cache_1x"] = one["wchar"] / res["cache_1x"]["file_bytes"]
     # the cache of 10x the tokens is 10x the file (it grows by rows; index + activations)
     res["live_written_over_cache_10x"] = ten["wchar"] / (10 * res["cache_1x"]["file_bytes"])
-    res["tokens_1x"] = tokens
     return res
 
 
@@ -170,7 +222,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--generations", type=int, default=3, help="buffer generations timed")
-    ap.add_argument("--rss-tokens", type=int, default=16384, help="tokens of the 1x run")
+    ap.add_argument("--rss-forwards", type=int, default=12,
+                    help="(2) LM forwards of the 1x run (past the model's warm-up)")
+    ap.add_argument("--rss-lm-batch", type=int, default=4, help="(2) sequences per LM forward")
+    ap.add_argument("--rss-ctx", type=int, default=128, help="(2) --ctx-len")
+    ap.add_argument("--rss-sae-batch", type=int, default=48, help="(2) SAE batch (rows)")
+    ap.add_argument("--rss-buffer", type=int, default=192, help="(2) --buffer-tokens (rows)")
     ap.add_argument("--batch", type=int, default=4096, help="SAE batch (1024 on a small CPU)")
     ap.add_argument("--parts", default="123", help="which parts to run, e.g. 1 or 23")
     ap.add_argument("--json", help="also write the results here")
@@ -187,7 +244,7 @@ def main() -> None:
         if "1" in args.parts:
             res["part1"] = part1(model, docs, tmp, args.device, args.generations)
         if "2" in args.parts or "3" in args.parts:
-            res["part23"] = part23(model, docs, tmp, args.device, args.rss_tokens)
+            res["part23"] = part23(model, docs, tmp, args.device, args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"[{args.device}, {res['threads']} threads] SmolLM2 layer {LAYER}, TopK {576}->{WIDTH}"
@@ -206,11 +263,21 @@ def report1(p1: dict) -> None:
 
 
 def report23(p2: dict) -> None:
-    print(f"  peak RSS {p2['live_1x']['maxrss_kb'] / 1024:.0f} MiB at {p2['tokens_1x']} tokens, "
-          f"{p2['live_10x']['maxrss_kb'] / 1024:.0f} MiB at 10x: ratio "
+    one, ten = p2["live_1x"], p2["live_10x"]
+    print(f"  peak RSS {one['maxrss_kb'] / 1024:.0f} MiB at {p2['tokens_1x']} tokens "
+          f"({one['lm_forwards']} LM forwards of {p2['lm_batch']} x <= {p2['ctx']} tokens), "
+          f"{ten['maxrss_kb'] / 1024:.0f} MiB at 10x ({ten['lm_forwards']} forwards): ratio "
           f"{p2['rss_10x_over_1x']:.3f}")
-    print(f"  bytes written (wchar): live 1x {p2['live_1x']['wchar']}, 10x "
-          f"{p2['live_10x']['wchar']}; cache of 1x {p2['cache_1x']['file_bytes']}: "
+    for name, r in (("1x", one), ("10x", ten)):
+        trace = ", ".join(f"{i}: {kb / 1024:.0f}" for i, kb in r["rss_after_forward_kb"].items())
+        print(f"  {name}: peak before the first forward {r['hwm_before_forwards_kb'] / 1024:.0f}"
+              f" MiB; VmRSS after forward i (MiB) {trace}")
+    print(f"  mixing buffer {p2['buffer_rows']} rows x 576 x float32 = "
+          f"{p2['buffer_bytes'] / 2**20:.2f} MiB (SAE batch {p2['sae_batch']}); 10x - 1x = "
+          f"{(ten['maxrss_kb'] - one['maxrss_kb']) / 1024:.0f} MiB; load average "
+          f"{p2['load_avg_start'][0]:.1f} -> {p2['load_avg_end'][0]:.1f}")
+    print(f"  bytes written (wchar): live 1x {one['wchar']}, 10x "
+          f"{ten['wchar']}; cache of 1x {p2['cache_1x']['file_bytes']}: "
           f"live/cache {p2['live_written_over_cache_1x']:.3f} (1x), "
           f"{p2['live_written_over_cache_10x']:.4f} (10x)")
 
