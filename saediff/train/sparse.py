@@ -199,7 +199,9 @@ class SparseTopKStep:
 
     W_enc is stored transposed (`store_encoder_transposed`) so its gradient needs no copy;
     the scaled encoder (W_enc * n) lives in a buffer allocated once, in the same layout, and
-    reused: a fresh d_in x d_sae tensor each step costs its page faults.
+    reused: a fresh d_in x d_sae tensor each step costs its page faults. On CPU the W_enc and
+    W_dec gradients are two such buffers too: each call overwrites them (never accumulates),
+    so a `.grad` kept past the next call changes with it.
     """
 
     def __init__(self, sae: TopKTrainingSAE):
@@ -210,6 +212,9 @@ class SparseTopKStep:
         # W_enc * n (decoder-norm rescale): the encoder's weights this step
         self.buf_w_enc_s = torch.empty(m, d, **kw).T if sae.cfg.rescale_acts_by_decoder_norm \
             else None
+        # CPU: the two [d_sae, d_in] gradients are written into these every step (see _scatter)
+        cpu = sae.W_dec.device.type == "cpu"
+        self.grad_bufs = (torch.empty(m, d, **kw), torch.empty(m, d, **kw)) if cpu else None
 
     def optimizer_params(self) -> list[torch.nn.Parameter]:
         """The SAE's parameters for the optimizer, W_enc as its [d_sae, d_in] memory."""
@@ -217,14 +222,24 @@ class SparseTopKStep:
 
     @staticmethod
     def _scatter(acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
-                 values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """A^T @ dense ([n_cols, d]), A = acts pattern with `values`: one bag per latent
-        (its entries, sorted by latent) summing the weighted rows of `dense`. embedding_bag's
-        fused gather-sum ran 2x faster than the CSR sparse @ dense product on this CPU (466
-        vs 959 ms at d_sae 16,384, batch 4,096); a latent with no entry gets a zero row."""
+                 values: torch.Tensor, dense: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """A^T @ dense ([n_cols, d]), A = acts pattern with `values`; a latent with no entry
+        gets a zero row.
+
+        With `out` (CPU): a CSR A^T (one row per latent, its entries sorted by latent) times
+        `dense`, written over `out` (beta = 0: whatever `out` held is ignored, NaN included).
+        A fresh [d_sae, d_in] result costs its page faults every step on CPU (glibc maps
+        allocations above 32 MB anew and torch's CPU allocator keeps none): measured alone at
+        16,384 x 576, batch 1,024, embedding_bag into a fresh tensor took 43 ms, this 9 ms
+        (benchmarks/bench_topk_scatter.py). Without `out`: embedding_bag's fused gather-sum
+        (GPU, where the caching allocator makes fresh tensors free)."""
         with serial_cpu(dense):
             idx, w = acts.rows[order], values[order].to(dense.dtype)
-        return F.embedding_bag(idx, dense, crow[:-1], mode="sum", per_sample_weights=w)
+        if out is None:
+            return F.embedding_bag(idx, dense, crow[:-1], mode="sum", per_sample_weights=w)
+        a_t = torch.sparse_csr_tensor(crow, idx, w, (acts.n_cols, dense.shape[0]))
+        return torch.addmm(out, a_t, dense, beta=0.0, out=out)
 
     @staticmethod
     def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +333,9 @@ class SparseTopKStep:
             g = torch.cat([p[1] for p in parts])
             sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
-        self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g)
-        self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in)
+        bufs = self.grad_bufs or (None, None)
+        self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g, bufs[0])
+        self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in, bufs[1])
         with serial_cpu(g):
             return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
                 0, acts.cols, da)
