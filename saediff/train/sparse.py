@@ -66,10 +66,13 @@ class SparseActs:
 @contextlib.contextmanager
 def serial_cpu(t: torch.Tensor) -> Iterator[None]:
     """One intra-op thread on CPU for the step's bookkeeping: index/value vectors of B*k
-    entries and per-latent counters. Each such op takes well under a millisecond on one
-    thread, but a multi-threaded one waits for every worker to be scheduled: on this shared
-    2-core machine (load 8) a 32,768-entry gather took 18 ms with 2 threads vs 0.1 ms with
-    one. The B x d_in, d_sae x d_in and B x d_sae work keeps every thread. Same ops, same
+    entries, per-latent counters, and the elementwise ops and reductions over B x d_in
+    (x - b_dec, x_hat + b_dec, the residual, its square sum and column sums). Each such op
+    takes well under a millisecond on one thread, but a multi-threaded one waits for every
+    worker to be scheduled: on this shared 2-core machine (load 8) a 32,768-entry gather took
+    18 ms with 2 threads vs 0.1 ms with one, and (load 6) each [1024, 576] subtract, add or
+    sum took 12 ms vs 0.07-0.35 ms. The B*k*d_in products (decode, sampled product, gradient
+    scatter), the d_sae x d_in and the B x d_sae work keep every thread. Same ops, same
     results; a no-op on other devices."""
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1:
@@ -131,11 +134,13 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     with record_function("saediff.scale"):
-        sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
+        with serial_cpu(x):
+            sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
         n = w_dec.norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
         if n is not None:
             w_s = torch.mul(w_enc, n, out=w_buf) if _fits(w_buf, w_enc) else w_enc * n
-            b_s = b_enc * n
+            with serial_cpu(x):
+                b_s = b_enc * n
         else:
             w_s, b_s = w_enc, b_enc
     with record_function("saediff.encode"):
@@ -271,10 +276,11 @@ class SparseTopKStep:
             a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
         with record_function("saediff.decode"):
-            x_hat = _decode(acts, sae.W_dec).add_(sae.b_dec) if a.numel() else \
-                sae.b_dec.expand_as(x).clone()
-            diff = x_hat - x
-            mse = _sq_sum(diff) / B
+            x_hat = _decode(acts, sae.W_dec) if a.numel() else torch.zeros_like(x)
+            with serial_cpu(x):
+                x_hat.add_(sae.b_dec)
+                diff = x_hat - x
+                mse = _sq_sum(diff) / B
         with record_function("saediff.backward"):
             # d mse / d x_hat = diff * 2/B: the factor goes into the B*k entry weights and
             # alpha, not into one more B x d_in pass
@@ -289,7 +295,8 @@ class SparseTopKStep:
                 main = SparseActs(acts.rows, acts.cols, a * c, B, acts.n_cols)
             parts = [(main, diff, da)] + ([aux_part] if aux_part is not None else [])
             grad_b_enc = self._accumulate(parts, sae_in)
-            grad_b_dec = diff.sum(0).mul_(c)
+            with serial_cpu(diff):
+                grad_b_dec = diff.sum(0).mul_(c)
             if sae.cfg.apply_b_dec_to_input:
                 grad_b_dec -= sae.W_enc @ grad_b_enc
         # built as [d_sae, d_in] (one row per latent): the layout W_enc is stored in
@@ -330,8 +337,8 @@ class SparseTopKStep:
                                   torch.cat([p[0].vals for p in parts]), B * len(parts),
                                   acts.n_cols)
                 da = torch.cat([p[2] for p in parts])
-            g = torch.cat([p[1] for p in parts])
-            sae_in = sae_in.repeat(len(parts), 1)
+                g = torch.cat([p[1] for p in parts])
+                sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
         bufs = self.grad_bufs or (None, None)
         self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g, bufs[0])
@@ -362,8 +369,10 @@ class SparseTopKStep:
             cols = dead_idx[top.indices.flatten()]
             rows = torch.arange(B, device=diff.device).repeat_interleave(k_aux)
             aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, pre_s.shape[1])
-        aux_diff = _decode(aux_acts, self.sae.W_dec) + diff   # recons - (x - x_hat)
-        aux = coef * _sq_sum(aux_diff) / B
+        aux_diff = _decode(aux_acts, self.sae.W_dec)
+        with serial_cpu(diff):
+            aux_diff += diff                                 # recons - (x - x_hat)
+            aux = coef * _sq_sum(aux_diff) / B
         c = 2.0 * coef / B                                   # d aux / d aux_diff = c * aux_diff
         da_aux = _sampled(aux_acts, aux_diff, self.sae.W_dec, alpha=c)
         with serial_cpu(da_aux):
