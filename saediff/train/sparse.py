@@ -66,10 +66,13 @@ class SparseActs:
 @contextlib.contextmanager
 def serial_cpu(t: torch.Tensor) -> Iterator[None]:
     """One intra-op thread on CPU for the step's bookkeeping: index/value vectors of B*k
-    entries and per-latent counters. Each such op takes well under a millisecond on one
-    thread, but a multi-threaded one waits for every worker to be scheduled: on this shared
-    2-core machine (load 8) a 32,768-entry gather took 18 ms with 2 threads vs 0.1 ms with
-    one. The B x d_in, d_sae x d_in and B x d_sae work keeps every thread. Same ops, same
+    entries, per-latent counters, and the elementwise ops and reductions over B x d_in
+    (x - b_dec, x_hat + b_dec, the residual, its square sum and column sums). Each such op
+    takes well under a millisecond on one thread, but a multi-threaded one waits for every
+    worker to be scheduled: on this shared 2-core machine (load 8) a 32,768-entry gather took
+    18 ms with 2 threads vs 0.1 ms with one, and (load 6) each [1024, 576] subtract, add or
+    sum took 12 ms vs 0.07-0.35 ms. The B*k*d_in products (decode, sampled product, gradient
+    scatter), the d_sae x d_in and the B x d_sae work keep every thread. Same ops, same
     results; a no-op on other devices."""
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1:
@@ -131,11 +134,13 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     with record_function("saediff.scale"):
-        sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
+        with serial_cpu(x):
+            sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
         n = w_dec.norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
         if n is not None:
             w_s = torch.mul(w_enc, n, out=w_buf) if _fits(w_buf, w_enc) else w_enc * n
-            b_s = b_enc * n
+            with serial_cpu(x):
+                b_s = b_enc * n
         else:
             w_s, b_s = w_enc, b_enc
     with record_function("saediff.encode"):
@@ -199,7 +204,9 @@ class SparseTopKStep:
 
     W_enc is stored transposed (`store_encoder_transposed`) so its gradient needs no copy;
     the scaled encoder (W_enc * n) lives in a buffer allocated once, in the same layout, and
-    reused: a fresh d_in x d_sae tensor each step costs its page faults.
+    reused: a fresh d_in x d_sae tensor each step costs its page faults. On CPU the W_enc and
+    W_dec gradients are two such buffers too: each call overwrites them (never accumulates),
+    so a `.grad` kept past the next call changes with it.
     """
 
     def __init__(self, sae: TopKTrainingSAE):
@@ -210,6 +217,9 @@ class SparseTopKStep:
         # W_enc * n (decoder-norm rescale): the encoder's weights this step
         self.buf_w_enc_s = torch.empty(m, d, **kw).T if sae.cfg.rescale_acts_by_decoder_norm \
             else None
+        # CPU: the two [d_sae, d_in] gradients are written into these every step (see _scatter)
+        cpu = sae.W_dec.device.type == "cpu"
+        self.grad_bufs = (torch.empty(m, d, **kw), torch.empty(m, d, **kw)) if cpu else None
 
     def optimizer_params(self) -> list[torch.nn.Parameter]:
         """The SAE's parameters for the optimizer, W_enc as its [d_sae, d_in] memory."""
@@ -217,14 +227,25 @@ class SparseTopKStep:
 
     @staticmethod
     def _scatter(acts: SparseActs, order: torch.Tensor, crow: torch.Tensor,
-                 values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """A^T @ dense ([n_cols, d]), A = acts pattern with `values`: one bag per latent
-        (its entries, sorted by latent) summing the weighted rows of `dense`. embedding_bag's
-        fused gather-sum ran 2x faster than the CSR sparse @ dense product on this CPU (466
-        vs 959 ms at d_sae 16,384, batch 4,096); a latent with no entry gets a zero row."""
+                 values: torch.Tensor, dense: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """A^T @ dense ([n_cols, d]), A = acts pattern with `values`; a latent with no entry
+        gets a zero row.
+
+        With `out` (CPU): a CSR A^T (one row per latent, its entries sorted by latent) times
+        `dense`, written over `out` (beta = 0: whatever `out` held is ignored, NaN included).
+        A fresh [d_sae, d_in] result costs its page faults every step on CPU (glibc maps
+        allocations above 32 MB anew and torch's CPU allocator keeps none). Measured alone
+        (benchmarks/bench_topk_scatter.py, load 0.9) at 576 -> 16,384 / 65,536, batch 1,024 /
+        4,096, this was 3.0-6.0x faster than embedding_bag into a fresh tensor (16,384 /
+        1,024: 5.6 vs 27 ms). Without `out`: embedding_bag's fused gather-sum
+        (GPU, where the caching allocator makes fresh tensors free)."""
         with serial_cpu(dense):
             idx, w = acts.rows[order], values[order].to(dense.dtype)
-        return F.embedding_bag(idx, dense, crow[:-1], mode="sum", per_sample_weights=w)
+        if out is None:
+            return F.embedding_bag(idx, dense, crow[:-1], mode="sum", per_sample_weights=w)
+        a_t = torch.sparse_csr_tensor(crow, idx, w, (acts.n_cols, dense.shape[0]))
+        return torch.addmm(out, a_t, dense, beta=0.0, out=out)
 
     @staticmethod
     def _transpose_pattern(acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,10 +277,11 @@ class SparseTopKStep:
             a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
         acts = SparseActs(acts_s.rows, acts_s.cols, a, B, acts_s.n_cols)
         with record_function("saediff.decode"):
-            x_hat = _decode(acts, sae.W_dec).add_(sae.b_dec) if a.numel() else \
-                sae.b_dec.expand_as(x).clone()
-            diff = x_hat - x
-            mse = _sq_sum(diff) / B
+            x_hat = _decode(acts, sae.W_dec) if a.numel() else torch.zeros_like(x)
+            with serial_cpu(x):
+                x_hat.add_(sae.b_dec)
+                diff = x_hat - x
+                mse = _sq_sum(diff) / B
         with record_function("saediff.backward"):
             # d mse / d x_hat = diff * 2/B: the factor goes into the B*k entry weights and
             # alpha, not into one more B x d_in pass
@@ -274,7 +296,8 @@ class SparseTopKStep:
                 main = SparseActs(acts.rows, acts.cols, a * c, B, acts.n_cols)
             parts = [(main, diff, da)] + ([aux_part] if aux_part is not None else [])
             grad_b_enc = self._accumulate(parts, sae_in)
-            grad_b_dec = diff.sum(0).mul_(c)
+            with serial_cpu(diff):
+                grad_b_dec = diff.sum(0).mul_(c)
             if sae.cfg.apply_b_dec_to_input:
                 grad_b_dec -= sae.W_enc @ grad_b_enc
         # built as [d_sae, d_in] (one row per latent): the layout W_enc is stored in
@@ -315,11 +338,12 @@ class SparseTopKStep:
                                   torch.cat([p[0].vals for p in parts]), B * len(parts),
                                   acts.n_cols)
                 da = torch.cat([p[2] for p in parts])
-            g = torch.cat([p[1] for p in parts])
-            sae_in = sae_in.repeat(len(parts), 1)
+                g = torch.cat([p[1] for p in parts])
+                sae_in = sae_in.repeat(len(parts), 1)
         order, crow = self._transpose_pattern(acts)
-        self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g)
-        self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in)
+        bufs = self.grad_bufs or (None, None)
+        self.grad_w_dec = self._scatter(acts, order, crow, acts.vals, g, bufs[0])
+        self.grad_w_enc_t = self._scatter(acts, order, crow, da, sae_in, bufs[1])
         with serial_cpu(g):
             return torch.zeros(acts.n_cols, dtype=g.dtype, device=g.device).index_add_(
                 0, acts.cols, da)
@@ -346,8 +370,10 @@ class SparseTopKStep:
             cols = dead_idx[top.indices.flatten()]
             rows = torch.arange(B, device=diff.device).repeat_interleave(k_aux)
             aux_acts = SparseActs(rows, cols, top.values.flatten() / n[cols], B, pre_s.shape[1])
-        aux_diff = _decode(aux_acts, self.sae.W_dec) + diff   # recons - (x - x_hat)
-        aux = coef * _sq_sum(aux_diff) / B
+        aux_diff = _decode(aux_acts, self.sae.W_dec)
+        with serial_cpu(diff):
+            aux_diff += diff                                 # recons - (x - x_hat)
+            aux = coef * _sq_sum(aux_diff) / B
         c = 2.0 * coef / B                                   # d aux / d aux_diff = c * aux_diff
         da_aux = _sampled(aux_acts, aux_diff, self.sae.W_dec, alpha=c)
         with serial_cpu(da_aux):

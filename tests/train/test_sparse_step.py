@@ -108,3 +108,33 @@ def test_transposed_encoder_resumes_and_saves_like_a_plain_one(tmp_path):
     # SAELens's inference file folds the decoder norms into the encoder (rescale on)
     assert torch.allclose(saved["W_enc"], w_enc * w_dec.norm(dim=-1), atol=1e-6)
     assert not torch.allclose(saved["W_enc"], w_enc.T.reshape(D_IN, D_SAE) * w_dec.norm(dim=-1))
+
+
+def test_reused_gradient_buffers_hold_only_this_steps_gradient():
+    """On CPU the step writes W_enc's and W_dec's gradients into two buffers it keeps (no fresh
+    [d_sae, d_in] tensor per step): whatever they held (the last step's gradient, with or
+    without the aux loss; NaN) must not leak into the next one, and they must really be reused
+    (the same memory every call), else this test checks nothing."""
+    from saediff.train.sparse import SparseTopKStep
+
+    _, sae = _make("topk", {})
+    step = SparseTopKStep(sae)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:20] = True
+    g = torch.Generator().manual_seed(2)
+    ptrs = None
+    for i, (B, mask) in enumerate([(64, dead), (48, None), (80, dead), (64, None)]):
+        x = torch.randn(B, D_IN, generator=g) * 2
+        if i == 2:
+            for buf in step.grad_bufs:
+                buf.fill_(float("nan"))      # stale garbage in the buffers
+        step(x, mask)
+        got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        now = (sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr())
+        assert ptrs is None or now == ptrs, "gradient buffers not reused"
+        ptrs = now
+        fresh = copy.deepcopy(sae)
+        SparseTopKStep(fresh)(x, mask)       # a step that has never run before
+        for n, p in fresh.named_parameters():
+            assert torch.isfinite(got[n]).all(), (i, n)
+            assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-5), (i, n)
