@@ -5,8 +5,9 @@ real model `saediff.organism.real.real_base_path()` imports), captured here on r
 text (the repo's docs); `--synthetic` uses Gaussian rows scaled to the same mean norm instead.
 
   1. TopK, k 32, d_sae 16384 and 65536: saediff tok/s / SAELens `SAETrainer` (dense autograd)
-     tok/s on the same batches, and saediff / the encode-only ceiling (encoder matmul + top-k;
-     timed step by step in alternation with saediff's steps), plus a profiled breakdown of
+     tok/s on the same batches, saediff / the encode-only ceiling (encoder matmul + top-k)
+     and / the dense-Adam floor (that ceiling + one fused Adam update of W_enc and W_dec's
+     size; timed step by step in rotation with saediff's steps), plus a profiled breakdown of
      saediff's step (encode, topk, decode, backward, aux, stats, clip, optimizer, other)
   2. data-parallel: 2-rank / 1-rank training throughput (torchrun, gloo on CPU, nccl on CUDA),
      same global batch; on CPU the 1-rank run gets all cores as threads
@@ -166,7 +167,7 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
     fast = FastSAETrainer(cfg, sae(), iter(dev_batches))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_fast, t_ceil = interleaved(fast, dev_batches, device, autocast, mark_dead)
+    t_fast, t_ceil, t_floor = interleaved(fast, dev_batches, device, autocast, mark_dead)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     with autocast:
         phases = breakdown(fast, dev_batches[1: 1 + profile_steps], device)
@@ -182,18 +183,26 @@ def throughput(width: int, batches: list[torch.Tensor], device: str, dead_frac: 
             "saediff_tok_s": t_fast, "saelens_tok_s": t_sl, "ceiling_tok_s": t_ceil,
             "ratio_vs_saelens": t_fast / t_sl if t_sl else None,
             "ratio_vs_ceiling": t_fast / t_ceil, "ceiling_ms": 1e3 * B / t_ceil,
+            "adam_floor_tok_s": t_floor, "ratio_vs_adam_floor": t_fast / t_floor,
+            "floor_vs_ceiling": t_floor / t_ceil,
             "breakdown_ms": phases, "peak_gpu_gib": peak}
 
 
 def interleaved(fast, batches: list[torch.Tensor], device: str, autocast, mark_dead
-                ) -> tuple[float, float]:
-    """tok/s of saediff's step and of the encode-only ceiling on the same weights, timed step
-    by step in alternation (median per side), so a shared machine's drifting load hits both."""
+                ) -> tuple[float, float, float]:
+    """tok/s of saediff's step, of the encode-only ceiling and of the dense-Adam floor on the
+    same weights, timed step by step in rotation (median per side), so a shared machine's
+    drifting load hits all three.
+
+    The floor is the ceiling plus one fused Adam update of two [d_sae, d_in] tensors (W_enc
+    and W_dec's size): exact Adam moves every weight every step, since moments decay even
+    where a latent did not fire, so no step that matches SAELens's can cost less than this,
+    whatever its batch. Its ratio to the ceiling is the most any such step can reach."""
     from saediff.train.sparse import encode_ceiling_step
 
     B = batches[0].shape[0]
     w, b = fast.sae.W_enc, fast.sae.b_enc
-    t_fast, t_ceil = [], []
+    opt, times = adam_floor(fast.sae.W_dec), ([], [], [])
 
     def timed(fn) -> float:
         sync(device)
@@ -202,17 +211,32 @@ def interleaved(fast, batches: list[torch.Tensor], device: str, autocast, mark_d
         sync(device)
         return time.perf_counter() - t
 
+    def floor(x: torch.Tensor) -> None:
+        encode_ceiling_step(w.detach(), b.detach(), x, K)
+        opt.step()
+
     mark_dead(fast)
     with autocast:
         fast.step(batches[0])                                   # warm-up
         encode_ceiling_step(w.detach(), b.detach(), batches[0], K)
+        opt.step()
         for i, x in enumerate(batches[1:]):
-            arms = [(t_fast, lambda x=x: fast.step(x)),
-                    (t_ceil, lambda x=x: encode_ceiling_step(w.detach(), b.detach(), x, K))]
-            for times, fn in (arms if i % 2 == 0 else arms[::-1]):
-                times.append(timed(fn))
+            arms = [(times[0], lambda x=x: fast.step(x)),
+                    (times[1], lambda x=x: encode_ceiling_step(w.detach(), b.detach(), x, K)),
+                    (times[2], lambda x=x: floor(x))]
+            for ts, fn in arms[i % 3:] + arms[: i % 3]:
+                ts.append(timed(fn))
             mark_dead(fast)
-    return B / statistics.median(t_fast), B / statistics.median(t_ceil)
+    return tuple(B / statistics.median(ts) for ts in times)
+
+
+def adam_floor(like: torch.Tensor) -> torch.optim.Optimizer:
+    """Fused Adam (the trainer's) over two tensors shaped like W_dec, gradients set."""
+    ps = [torch.nn.Parameter(torch.randn_like(like)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    fused = like.device.type in ("cpu", "cuda")
+    return torch.optim.Adam(ps, lr=2e-4, fused=fused)
 
 
 def print_breakdown(r: dict, device: str) -> None:
@@ -361,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{device}] TopK d_sae {width} k {K} batch {B} {dt} dead "
                           f"{a.dead_frac:.2f}: saediff {r['saediff_tok_s']:.0f} tok/s / {vs_sl}; "
                           f"/ encode-only ceiling {r['ceiling_tok_s']:.0f} tok/s = "
-                          f"{r['ratio_vs_ceiling']:.2f}", flush=True)
+                          f"{r['ratio_vs_ceiling']:.2f}; / encoder + dense-Adam floor "
+                          f"{r['adam_floor_tok_s']:.0f} tok/s = {r['ratio_vs_adam_floor']:.2f} "
+                          f"(the floor itself is {r['floor_vs_ceiling']:.2f} of the ceiling)",
+                          flush=True)
                     print_breakdown(r, device)
             first = B == min(bb for dd, bb, _ in plan if dd == device)
             if a.skip_dp or not first:

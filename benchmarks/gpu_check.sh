@@ -112,10 +112,13 @@ if t:
             tag = f"{dev} TopK d_sae {r['d_sae']} batch {r['batch']} {r['dtype']}"
             rows.append((f"{tag}: saediff / SAELens SAETrainer", r["ratio_vs_saelens"]))
             rows.append((f"{tag}: saediff / encode ceiling", r["ratio_vs_ceiling"]))
+            rows.append((f"{tag}: saediff / encoder + dense-Adam floor", r["ratio_vs_adam_floor"]))
+            rows.append((f"{tag}: that floor / encode ceiling", r["floor_vs_ceiling"]))
             if r.get("peak_gpu_gib") is not None:
                 rows.append((f"{tag}: peak GPU GiB", r["peak_gpu_gib"]))
             summary[f"{tag}.vs_saelens"] = r["ratio_vs_saelens"]
             summary[f"{tag}.vs_ceiling"] = r["ratio_vs_ceiling"]
+            summary[f"{tag}.vs_adam_floor"] = r["ratio_vs_adam_floor"]
         dp = t.get(dev, {}).get("data_parallel")
         if dp:
             rows.append((f"{dev} 2-rank / 1-rank", dp["ratio_2_vs_1"])); summary[f"{dev}.dp"] = dp["ratio_2_vs_1"]

@@ -29,13 +29,17 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert s["dry_run"] is True and s["gpu"] == "CPU dry run"
     want = ["cache.ratio_cache_layer1_vs_bare",
             "cpu TopK d_sae 256 batch 64 float32.vs_ceiling",
+            "cpu TopK d_sae 256 batch 64 float32.vs_adam_floor",
             "cpu TopK d_sae 256 batch 64 bf16-autocast.vs_saelens",
             "steer.clamp_topk_vs_limit"]
     for key in want:
         vals = s[key] if isinstance(s[key], list) else [s[key]]
         assert all(math.isfinite(v) and v > 0 for v in vals), (key, s[key])
     train = json.loads((tmp_path / "train.json").read_text())
-    phases = train["cpu"]["topk"][0]["breakdown_ms"]
+    r = train["cpu"]["topk"][0]
+    # the floor is the ceiling plus an Adam update: never faster than the ceiling (+ noise)
+    assert r["floor_vs_ceiling"] < 1.2 and r["adam_floor_tok_s"] > 0
+    phases = r["breakdown_ms"]
     assert {"encode", "topk", "decode", "backward", "optimizer"} <= set(phases)
     assert phases["encode"] > 0 and phases["step"] >= phases["encode"]
     assert (tmp_path / "summary.md").read_text().startswith("# gpu_check on CPU dry run")
