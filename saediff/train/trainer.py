@@ -179,7 +179,8 @@ class FastSAETrainer(SAETrainer):
             for key, val in st.items():
                 if torch.is_tensor(val):
                     # W_enc's moments in W_enc's [d_in, d_sae] shape, whatever the layout
-                    val = val.T if self.fast is not None and p is self.fast.w_enc_t else val
+                    flip = self.fast is not None and p is self.fast.w_enc_t and val.dim() == 2
+                    val = val.T if flip else val
                     t[f"opt.{n}.{key}"] = val.detach().cpu().contiguous()
                 else:
                     opt_meta[f"{n}.{key}"] = val
