@@ -9,8 +9,10 @@ Runtime of the defaults (147,456 rows per SAE, both widths from one model pass) 
 CPU shared with other jobs (load average 5-8), torch on 1 thread: corpus 1-3 min (docstring
 parsing, once), live training 21 min (~100 rows/s, 5.3 CPU-ms per row), answers and rankings
 4 min, then the 18 clamp measurements in 7 min as 6 parallel `--measure-only --only-sae S
---only-set X` processes. The issue's 870,000 rows would take ~2.4 h at that rate. Results:
-docs/results/2026-12-01-real-organism-10x.md (and -scale.md for the earlier 16,384-row run).
+--only-set X` processes. `--train-tokens 884736` (10x the example SAE's tokens) trained in
+81 min at load 1-3 (~181 rows/s) and measured in 5 min (2 `--only-sae` processes). Results:
+docs/results/2026-12-01-real-organism-884k.md (10x), -10x.md (the default 147,456 rows,
+despite its name) and -scale.md (the earlier 16,384-row run).
 
 `examples/real_organism.py` trains one TopK SAE on ~30k-90k templated tokens of the organism's
 chats. This script trains SAEs at two widths *live* (`train(TrainConfig(live=True, ...))`, no
@@ -19,9 +21,10 @@ of base + the shipped rank-1 adapter (evals on base and fine-tuned), over the or
 mixed with English prose that ships with the installed Python packages (package texts and
 docstrings, `examples/real_organism_corpus.py`), then per SAE: rank latents on the fine-tuned
 model's own answers to the probe questions, clamp the top 1, 3 and 10 up-shifted latents to 0
-(and scale the top 3 to the base's level) and read the share of the probe shift removed, on
-the shipped probe and on 20 independently written pairs (`examples/data/independent_pairs.jsonl`),
-with the text perplexity, next to ablating LoRA B. Writes OUT/summary.json.
+(and scale the top 3 to the base's level; and clamp the fine-tune-only ones, silent on the
+base) and read the share of the probe shift removed, on the shipped probe and on 20
+independently written pairs (`examples/data/independent_pairs.jsonl`), with the text
+perplexity, next to ablating LoRA B. Writes OUT/summary.json.
 """
 from __future__ import annotations
 
@@ -195,6 +198,24 @@ def scaled(run: Path, mdir: Path, ft: Any, top: list[int], acts: Any, sets: list
     return {s: cached(mdir / f"{run.name}_top{n}scaled_{s}.json", one, s) for s in sets}
 
 
+def ft_only(run: Path, mdir: Path, ft: Any, top: list[int], acts: Any, sets: list[str]
+            ) -> dict[str, Any]:
+    """{set: result, "latents": [...]} with the fine-tune-only latents clamped to 0: those of
+    the top up-shifted ones that fire on none of the base's answer tokens. A better SAE can
+    turn the adapter's write into such a latent while the densest up-shifted latents stay
+    ones the base uses everywhere (clamping those breaks the model)."""
+    sae, a = saediff.load_sae(run), acts()
+    with torch.no_grad():
+        fires = (sae.encode(a["base"])[:, top] > 0).sum(0)
+    only = [j for j, n in zip(top, fires.tolist()) if n == 0]
+    if not only:
+        return {"latents": []}
+    def one(s):
+        return measure(ft, s, saediff.steer(ft, sae, latent=only, clamp=0.0))
+    return {s: cached(mdir / f"{run.name}_ftonly_{s}.json", one, s) for s in sets} | \
+        {"latents": only}
+
+
 # --- the script ------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,12 +249,14 @@ def assemble(ref: dict, saes: dict, sets: list[str]) -> dict[str, Any]:
     """Scores, perplexities and shares of the probe shift removed, per condition."""
     def share(res):
         return {s: share_removed(res[s], ref["base"][s], ref["finetuned"][s])
-                             for s in sets if s != "text_ppl"} | {"text_ppl": res.get("text_ppl")}
+                for s in sets if s != "text_ppl" and s in res} | {"text_ppl": res.get("text_ppl")}
     out = {"base": {s: ref["base"][s] if s == "text_ppl" else ref["base"][s]["score"]
                     for s in sets},
            "finetuned": share(ref["finetuned"]), "lora_b_ablated": share(ref["lora_b_ablated"])}
     for name, s in saes.items():
-        out[name] = s["ranking"] | {"clamped": {n: share(r) for n, r in s["clamped"].items()}}
+        out[name] = s["ranking"] | {"clamped": {n: share(r) | ({"latents": r["latents"]}
+                                                               if "latents" in r else {})
+                                                for n, r in s["clamped"].items()}}
     return out
 
 
@@ -249,7 +272,9 @@ def markdown_table(res: dict[str, Any]) -> str:
     none = (f"| none (base: text ppl {res['base'].get('text_ppl')}) | 0 | 0 | "
             f"{res['finetuned'].get('text_ppl')} |")
     lora = f"| LoRA B ablated | {cell(lb, 'probe')} | {cell(lb, 'pairs')} | {lb.get('text_ppl')} |"
-    def label(n):
+    def label(n, c):
+        if n == "ftonly":
+            return f"fine-tune-only latents {c.get('latents')} clamped to 0"
         return f"top {n[:-6]} scaled to the base's level" if n.endswith("scaled") \
             else f"top {n} clamped to 0"
     lines = [head, "|---|---|---|---|", none, lora]
@@ -259,7 +284,7 @@ def markdown_table(res: dict[str, Any]) -> str:
         q = r["quality"].get("finetuned", {})
         for n, c in r["clamped"].items():
             lines.append(f"| {name} (FVU {q.get('fvu', float('nan')):.3f}, dead "
-                         f"{q.get('dead_frac', float('nan')):.2f}): {label(n)} | "
+                         f"{q.get('dead_frac', float('nan')):.2f}): {label(n, c)} | "
                          f"{cell(c, 'probe')} | {cell(c, 'pairs')} | {c.get('text_ppl')} |")
     return "\n".join(lines)
 
@@ -293,6 +318,7 @@ def main() -> None:
         saes[run.name] = {"ranking": rk, "clamped": clamps(run, mdir, ft, top, tuple(a.tops),
                                                            sets)}
         saes[run.name]["clamped"]["3scaled"] = scaled(run, mdir, ft, top, get_acts, sets)
+        saes[run.name]["clamped"]["ftonly"] = ft_only(run, mdir, ft, top, get_acts, sets)
     summary["results"] = assemble(ref, saes, sets)
     summary["seconds"] = round(time.time() - t0)
     if not (a.only_sae or a.only_set):
