@@ -112,6 +112,7 @@ if t:
             tag = f"{dev} TopK d_sae {r['d_sae']} batch {r['batch']} {r['dtype']}"
             rows.append((f"{tag}: saediff / SAELens SAETrainer", r["ratio_vs_saelens"]))
             rows.append((f"{tag}: saediff / encode ceiling", r["ratio_vs_ceiling"]))
+            rows.append((f"{tag}: saediff / kept-output encode ceiling", r["ratio_vs_kept_ceiling"]))
             rows.append((f"{tag}: saediff / encoder + dense-Adam floor", r["ratio_vs_adam_floor"]))
             rows.append((f"{tag}: that floor / encode ceiling", r["floor_vs_ceiling"]))
             if r.get("peak_gpu_gib") is not None:

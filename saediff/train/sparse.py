@@ -69,11 +69,9 @@ def serial_cpu(t: torch.Tensor) -> Iterator[None]:
     entries, per-latent counters, and the elementwise ops and reductions over B x d_in
     (x - b_dec, x_hat + b_dec, the residual, its square sum and column sums). Each such op
     takes well under a millisecond on one thread, but a multi-threaded one waits for every
-    worker to be scheduled: on this shared 2-core machine (load 8) a 32,768-entry gather took
-    18 ms with 2 threads vs 0.1 ms with one, and (load 6) each [1024, 576] subtract, add or
-    sum took 12 ms vs 0.07-0.35 ms. The B*k*d_in products (decode, sampled product, gradient
-    scatter), the d_sae x d_in and the B x d_sae work keep every thread. Same ops, same
-    results; a no-op on other devices."""
+    worker to be scheduled (shared 2-core machine, load 8: a 32,768-entry gather 18 ms with 2
+    threads vs 0.1 ms with one). B*k*d_in products, d_sae x d_in and B x d_sae work keep every
+    thread. Same ops, same results; a no-op on other devices."""
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1:
         yield
@@ -122,7 +120,7 @@ def _stable_argsort(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
-           w_buf: torch.Tensor | None = None
+           w_buf: torch.Tensor | None = None, pre_buf: torch.Tensor | None = None
            ) -> tuple[SparseActs, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode a batch: (active latents with values in decoder units, pre_s [B, d_sae], n, sae_in).
 
@@ -130,7 +128,8 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
     k * (global batch) largest activations of the global batch, as a single process would.
     `w_buf` ([d_in, d_sae], optional): where to write W_enc * n (decoder-norm rescale), so the
     step reuses one buffer instead of allocating (and page-faulting) a fresh d_in x d_sae
-    tensor each step; the same values either way.
+    tensor each step; the same values either way. `pre_buf` ([B, d_sae], optional): the same
+    for pre_s, the encoder's output.
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     with record_function("saediff.scale"):
@@ -144,17 +143,22 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
         else:
             w_s, b_s = w_enc, b_enc
     with record_function("saediff.encode"):
-        pre_s = torch.addmm(b_s, sae_in, w_s)
+        pre_s = torch.addmm(b_s, sae_in, w_s, out=pre_buf) if _fits(pre_buf, sae_in, w_s) \
+            else torch.addmm(b_s, sae_in, w_s)
     with record_function("saediff.topk"):
         acts = _top(sae, pre_s, dp)
     return (acts, pre_s, n if n is not None else torch.ones(acts.n_cols, device=pre_s.device),
             sae_in)
 
 
-def _fits(buf: torch.Tensor | None, like: torch.Tensor) -> bool:
-    """`buf` can take the result of an elementwise op on `like`."""
-    return buf is not None and buf.shape == like.shape and buf.dtype == like.dtype \
-        and buf.device == like.device and buf.stride() == like.stride()
+def _fits(buf: torch.Tensor | None, like: torch.Tensor, mat2: torch.Tensor | None = None
+          ) -> bool:
+    """`buf` can take the result of an elementwise op on `like` (of `like @ mat2` if given)."""
+    if buf is None:
+        return False
+    shape = like.shape if mat2 is None else (like.shape[0], mat2.shape[1])
+    layout = buf.is_contiguous() if mat2 is not None else buf.stride() == like.stride()
+    return buf.shape == shape and buf.dtype == like.dtype and buf.device == like.device and layout
 
 
 def _top(sae: TopKTrainingSAE, pre_s: torch.Tensor, dp: Any) -> SparseActs:
@@ -206,7 +210,8 @@ class SparseTopKStep:
     the scaled encoder (W_enc * n) lives in a buffer allocated once, in the same layout, and
     reused: a fresh d_in x d_sae tensor each step costs its page faults. On CPU the W_enc and
     W_dec gradients are two such buffers too: each call overwrites them (never accumulates),
-    so a `.grad` kept past the next call changes with it.
+    so a `.grad` kept past the next call changes with it; so is the encoder's [B, d_sae]
+    output (`_pre_buf`).
     """
 
     def __init__(self, sae: TopKTrainingSAE):
@@ -220,6 +225,7 @@ class SparseTopKStep:
         # CPU: the two [d_sae, d_in] gradients are written into these every step (see _scatter)
         cpu = sae.W_dec.device.type == "cpu"
         self.grad_bufs = (torch.empty(m, d, **kw), torch.empty(m, d, **kw)) if cpu else None
+        self.pre_buf: torch.Tensor | None = None   # CPU: the encoder's [B, d_sae] output
 
     def optimizer_params(self) -> list[torch.nn.Parameter]:
         """The SAE's parameters for the optimizer, W_enc as its [d_sae, d_in] memory."""
@@ -271,7 +277,7 @@ class SparseTopKStep:
             raise RuntimeError("SAE.W_enc was replaced after the sparse step was built; the "
                                "optimizer would no longer update it")
         B = x.shape[0]
-        acts_s, pre_s, n, sae_in = select(sae, x, dp, self.buf_w_enc_s)
+        acts_s, pre_s, n, sae_in = select(sae, x, dp, self.buf_w_enc_s, self._pre_buf(x))
         self._update_threshold(acts_s, x, dp)
         with serial_cpu(x):
             a = acts_s.vals / n[acts_s.cols]           # value multiplying the raw decoder row
@@ -308,6 +314,16 @@ class SparseTopKStep:
         sae.b_dec.grad = grad_b_dec
         return {"mse_loss": mse, "auxiliary_reconstruction_loss": aux, "loss": mse + aux,
                 "sae_out": x_hat, "acts": acts_s}
+
+    def _pre_buf(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CPU: a kept [B, d_sae] buffer for the encoder's output (new when B changes; none under
+        autocast): a fresh one costs its page faults every step (16,384 / 1,024: 67 MB)."""
+        if self.grad_bufs is None or torch.is_autocast_enabled(x.device.type):
+            return None
+        if not _fits(self.pre_buf, x, self.w_enc_t.T):
+            self.pre_buf = torch.empty(x.shape[0], self.w_enc_t.shape[0], dtype=x.dtype,
+                                       device=x.device)
+        return self.pre_buf
 
     def _update_threshold(self, acts_s: SparseActs, x: torch.Tensor, dp: Any) -> None:
         """BatchTopK: the running inference threshold tracks the smallest kept activation."""
@@ -381,13 +397,10 @@ class SparseTopKStep:
         return aux, (weighted, aux_diff, da_aux)
 
 
-def train_step_grads(sae: TopKTrainingSAE, x: torch.Tensor,
-                     dead_mask: torch.Tensor | None) -> dict:
-    """One-off `SparseTopKStep(sae)(x, dead_mask)` (tests; training reuses the step object)."""
-    return SparseTopKStep(sae)(x, dead_mask)
-
-
 @torch.no_grad()
-def encode_ceiling_step(w_enc: torch.Tensor, b_enc: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    """The lower bound of any TopK step: one encoder matmul and a top-k per token."""
-    torch.addmm(b_enc, x, w_enc).topk(k, dim=-1, sorted=False)
+def encode_ceiling_step(w_enc: torch.Tensor, b_enc: torch.Tensor, x: torch.Tensor, k: int,
+                        out: torch.Tensor | None = None) -> None:
+    """The lower bound of any TopK step: one encoder matmul and a top-k per token (into `out`,
+    a kept [B, d_sae] buffer, if given: the encoder's own cost without a fresh output's page
+    faults, as the CPU step has it)."""
+    torch.addmm(b_enc, x, w_enc, out=out).topk(k, dim=-1, sorted=False)

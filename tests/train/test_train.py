@@ -83,7 +83,7 @@ def _cfg(cache, out, **kw):
 def test_sparse_gradients_equal_saelens_dense(arch, rescale):
     from sae_lens.saes.sae import TrainStepInput
 
-    from saediff.train.sparse import train_step_grads
+    from saediff.train.sparse import SparseTopKStep
 
     cfg = TrainConfig(architecture=arch, d_sae=96, k=5, sae_kwargs={
         "rescale_acts_by_decoder_norm": rescale}, normalize=False)
@@ -97,7 +97,7 @@ def test_sparse_gradients_equal_saelens_dense(arch, rescale):
     dead = torch.rand(96) < 0.3                  # exercises the auxiliary loss too
     out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
     out.loss.backward()
-    r = train_step_grads(fast, x, dead)
+    r = SparseTopKStep(fast)(x, dead)
     assert torch.allclose(out.loss.detach(), r["loss"], rtol=1e-5)
     assert r["auxiliary_reconstruction_loss"] > 0
     for (name, p), q in zip(sae.named_parameters(), fast.parameters()):
