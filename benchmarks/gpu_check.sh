@@ -114,7 +114,7 @@ if t:
             rows.append((f"{tag}: saediff / encode ceiling", r["ratio_vs_ceiling"]))
             rows.append((f"{tag}: saediff / kept-output encode ceiling", r["ratio_vs_kept_ceiling"]))
             rows.append((f"{tag}: saediff / encoder + dense-Adam floor", r["ratio_vs_adam_floor"]))
-            rows.append((f"{tag}: that floor / encode ceiling", r["floor_vs_ceiling"]))
+            rows.append((f"{tag}: that floor / kept-output ceiling", r["floor_vs_kept_ceiling"]))
             if r.get("peak_gpu_gib") is not None:
                 rows.append((f"{tag}: peak GPU GiB", r["peak_gpu_gib"]))
             summary[f"{tag}.vs_saelens"] = r["ratio_vs_saelens"]
