@@ -236,16 +236,13 @@ class SparseTopKStep:
                  values: torch.Tensor, dense: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """A^T @ dense ([n_cols, d]), A = acts pattern with `values`; a latent with no entry
-        gets a zero row.
-
-        With `out` (CPU): a CSR A^T (one row per latent, its entries sorted by latent) times
-        `dense`, written over `out` (beta = 0: whatever `out` held is ignored, NaN included).
-        A fresh [d_sae, d_in] result costs its page faults every step on CPU (glibc maps
-        allocations above 32 MB anew and torch's CPU allocator keeps none). Measured alone
-        (benchmarks/bench_topk_scatter.py, load 0.9) at 576 -> 16,384 / 65,536, batch 1,024 /
-        4,096, this was 3.0-6.0x faster than embedding_bag into a fresh tensor (16,384 /
-        1,024: 5.6 vs 27 ms). Without `out`: embedding_bag's fused gather-sum
-        (GPU, where the caching allocator makes fresh tensors free)."""
+        gets a zero row. With `out` (CPU): a CSR A^T (one row per latent) times `dense`,
+        written over `out` (beta = 0: whatever `out` held is ignored, NaN included). A fresh
+        [d_sae, d_in] result costs its page faults every step on CPU (glibc maps allocations
+        above 32 MB anew and torch's CPU allocator keeps none): alone
+        (benchmarks/bench_topk_scatter.py, load 0.9) this was 3.0-6.0x faster than
+        embedding_bag into a fresh tensor (16,384 / 1,024: 5.6 vs 27 ms). Without `out`:
+        embedding_bag's fused gather-sum (GPU: its caching allocator makes fresh tensors free)."""
         with serial_cpu(dense):
             idx, w = acts.rows[order], values[order].to(dense.dtype)
         if out is None:
