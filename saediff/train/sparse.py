@@ -126,10 +126,8 @@ def select(sae: TopKTrainingSAE, x: torch.Tensor, dp: Any = None,
 
     `dp` (`train.ddp.DataParallel` under torchrun, x = this rank's share): BatchTopK keeps the
     k * (global batch) largest activations of the global batch, as a single process would.
-    `w_buf` ([d_in, d_sae], optional): where to write W_enc * n (decoder-norm rescale), so the
-    step reuses one buffer instead of allocating (and page-faulting) a fresh d_in x d_sae
-    tensor each step; the same values either way. `pre_buf` ([B, d_sae], optional): the same
-    for pre_s, the encoder's output.
+    `w_buf` ([d_in, d_sae]) and `pre_buf` ([B, d_sae]), optional: kept buffers for W_enc * n
+    (decoder-norm rescale) and pre_s, instead of fresh (page-faulting) tensors each step.
     """
     w_enc, b_enc, w_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     with record_function("saediff.scale"):
@@ -318,8 +316,7 @@ class SparseTopKStep:
         if self.grad_bufs is None or torch.is_autocast_enabled(x.device.type):
             return None
         if not _fits(self.pre_buf, x, self.w_enc_t.T):
-            self.pre_buf = torch.empty(x.shape[0], self.w_enc_t.shape[0], dtype=x.dtype,
-                                       device=x.device)
+            self.pre_buf = x.new_empty(x.shape[0], self.w_enc_t.shape[0])
         return self.pre_buf
 
     def _update_threshold(self, acts_s: SparseActs, x: torch.Tensor, dp: Any) -> None:
