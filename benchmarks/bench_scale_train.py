@@ -5,9 +5,10 @@ real model `saediff.organism.real.real_base_path()` imports), captured here on r
 text (the repo's docs); `--synthetic` uses Gaussian rows scaled to the same mean norm instead.
 
   1. TopK, k 32, d_sae 16384 and 65536: saediff tok/s / SAELens `SAETrainer` (dense autograd)
-     tok/s on the same batches, saediff / the encode-only ceiling (encoder matmul + top-k)
-     and / the dense-Adam floor (that ceiling + one fused Adam update of W_enc and W_dec's
-     size; timed step by step in rotation with saediff's steps), plus a profiled breakdown of
+     tok/s on the same batches, saediff / the encode-only ceiling (encoder matmul + top-k),
+     / that ceiling into a kept output buffer (the encoder's own cost) and / the dense-Adam
+     floor (the kept-output ceiling + one fused Adam update of W_enc and W_dec's size; all
+     timed step by step in rotation with saediff's steps), plus a profiled breakdown of
      saediff's step (encode, topk, decode, backward, aux, stats, clip, optimizer, other)
   2. data-parallel: 2-rank / 1-rank training throughput (torchrun, gloo on CPU, nccl on CUDA),
      same global batch; on CPU the 1-rank run gets all cores as threads
